@@ -1,0 +1,294 @@
+"""The checks framework: a Check is a dataclass of thresholds; run() returns a CheckResult.
+
+A result is separate from its condition (as deepchecks does it): the check
+measures `value` for `metric`, and the status is value `direction` threshold.
+A check that cannot run reports ERROR, never PASSED.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import tempfile
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+if typing.TYPE_CHECKING:  # pragma: no cover
+    from auditkit.data import AuditSet
+    from auditkit.subject import Subject
+
+
+class Status(str, enum.Enum):
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+
+
+class CheckConfigError(ValueError):
+    """A check was declared with an unknown kind, an unknown parameter or a bad value."""
+
+
+@dataclass
+class Evidence:
+    """One picture for the report: PNG bytes or SVG text, saved under the report folder.
+
+    `path` is relative to the report folder once `save()` ran; `data` is
+    dropped from the JSON form.
+    """
+
+    title: str
+    media_type: str  # "image/png" or "image/svg+xml"
+    data: bytes | None = None
+    caption: str = ""
+    path: str | None = None
+
+    @property
+    def suffix(self) -> str:
+        return ".svg" if self.media_type == "image/svg+xml" else ".png"
+
+    def save(self, folder: Path, stem: str) -> None:
+        """Write the file atomically as folder/stem+suffix and record its relative path."""
+        if self.data is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{safe_filename(stem)}{self.suffix}"
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=self.suffix)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.data)
+        os.replace(tmp, target)
+        self.path = f"{folder.name}/{target.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "media_type": self.media_type, "caption": self.caption, "path": self.path}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Evidence":
+        return cls(title=d["title"], media_type=d["media_type"], caption=d.get("caption", ""), path=d.get("path"))
+
+
+def safe_filename(text: str) -> str:
+    """A file name made of letters, digits, '.', '_' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+@dataclass
+class CheckResult:
+    """What a check measured and whether that meets its condition.
+
+    status is PASSED when `value direction threshold` holds (direction is
+    ">=" or "<="), FAILED when it does not, ERROR when the check could not run.
+    rows holds one dict per sample (or per layer); columns orders them.
+    """
+
+    check: str
+    kind: str
+    status: Status
+    metric: str = ""
+    value: float | None = None
+    threshold: float | None = None
+    direction: str = ">="
+    message: str = ""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    evidence: list[Evidence] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    error: str | None = None
+    model: str = ""
+    dataset: str = ""
+    title: str = ""
+    description: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status is Status.PASSED
+
+    def save_evidence(self, report_dir: Path) -> None:
+        """Write each evidence file to report_dir/evidence/ with a name from model, check and index."""
+        folder = Path(report_dir) / "evidence"
+        for i, item in enumerate(self.evidence):
+            item.save(folder, f"{self.model}__{self.check}__{i:02d}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["status"] = self.status.value
+        d["evidence"] = [e.to_dict() for e in self.evidence]
+        return jsonable(d)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckResult":
+        kwargs = dict(d)
+        kwargs["status"] = Status(d["status"])
+        kwargs["evidence"] = [Evidence.from_dict(e) for e in d.get("evidence", [])]
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in kwargs.items() if k in known})
+
+    def summary(self) -> str:
+        """One line: status, metric, value against threshold, message."""
+        if self.status is Status.ERROR:
+            return f"{self.check}: ERROR: {self.message}"
+        line = f"{self.check}: {self.status.value.upper()}"
+        if self.value is not None:
+            line += f": {self.metric} = {self.value:.4g}"
+            if self.threshold is not None:
+                line += f" (needs {self.direction} {self.threshold:.4g})"
+        if self.message:
+            line += f"; {self.message}"
+        return line
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only (numbers from numpy / torch turned into floats; NaN kept as None)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return None if obj != obj or obj in (float("inf"), float("-inf")) else obj
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+        return jsonable(obj.item())
+    if hasattr(obj, "tolist"):
+        return jsonable(obj.tolist())
+    return str(obj)
+
+
+def judge(value: float, threshold: float, direction: str) -> Status:
+    """PASSED when value >= threshold (direction ">=") or value <= threshold ("<="); NaN fails."""
+    if direction not in (">=", "<="):
+        raise ValueError(f"direction must be '>=' or '<=', got {direction!r}")
+    if value != value:
+        return Status.FAILED
+    ok = value >= threshold if direction == ">=" else value <= threshold
+    return Status.PASSED if ok else Status.FAILED
+
+
+@dataclass
+class Check:
+    """Base of all checks. Subclasses are dataclasses whose fields are the parameters.
+
+    Class attributes: `kind` (the name used in configuration), `title` and
+    `description` (the formula, shown in the report). `run()` measures and
+    returns a CheckResult; `execute()` wraps it with timing and turns any
+    exception into an ERROR result.
+    """
+
+    kind: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.kind
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise CheckConfigError for parameter values out of range; subclasses extend."""
+
+    # -- configuration -------------------------------------------------
+    @classmethod
+    def parameter_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "Check":
+        """Build from a config table; unknown parameters and wrong types are CheckConfigError."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - set(fields))
+        if unknown:
+            raise CheckConfigError(
+                f"check {cls.kind!r}: unknown parameter(s) {', '.join(unknown)}; "
+                f"valid parameters: {', '.join(fields)}"
+            )
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(cls.kind, k, v, hints.get(k)) for k, v in params.items()}
+        return cls(**values)
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    # -- running ---------------------------------------------------------
+    def run(self, subject: "Subject", audit_set: "AuditSet") -> CheckResult:
+        raise NotImplementedError
+
+    def execute(self, subject: "Subject", audit_set: "AuditSet") -> CheckResult:
+        """run() with timing; an exception becomes an ERROR result carrying the traceback."""
+        start = time.perf_counter()
+        try:
+            result = self.run(subject, audit_set)
+        except Exception as exc:  # noqa: BLE001 - a crashed check is reported, not raised
+            result = self.error_result(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        result.duration_s = time.perf_counter() - start
+        result.params = jsonable(self.params())
+        result.title = result.title or self.title
+        result.description = result.description or self.description
+        result.model = result.model or subject_name(subject)
+        result.dataset = result.dataset or getattr(audit_set, "name", "")
+        return result
+
+    def result(self, *, metric: str, value: float, threshold: float, direction: str = ">=", **kwargs: Any) -> CheckResult:
+        """A CheckResult judged by value `direction` threshold."""
+        return CheckResult(
+            check=self.name, kind=self.kind, status=judge(float(value), float(threshold), direction),
+            metric=metric, value=float(value), threshold=float(threshold), direction=direction, **kwargs,
+        )
+
+    def error_result(self, message: str, error: str | None = None) -> CheckResult:
+        return CheckResult(check=self.name, kind=self.kind, status=Status.ERROR, message=message, error=error or message)
+
+
+def subject_name(subject: Any) -> str:
+    spec = getattr(subject, "spec", None)
+    return getattr(spec, "name", "") or ""
+
+
+def _coerce(kind: str, key: str, value: Any, hint: Any) -> Any:
+    """Check a config value against the field's annotation; ints are accepted for floats."""
+    if hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        for option in args:
+            if option is type(None) and value is None:
+                return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(kind, key, value, option)
+            except CheckConfigError:
+                continue
+        raise CheckConfigError(f"check {kind!r}: parameter {key!r} = {value!r} should be {hint}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise CheckConfigError(f"check {kind!r}: parameter {key!r} = {value!r} should be {hint.__name__}")
+    if origin in (tuple, list) and isinstance(value, (list, tuple)):
+        inner = args[0] if args else None
+        items = [_coerce(kind, key, v, inner) for v in value] if inner not in (None, Ellipsis) else list(value)
+        return tuple(items) if origin is tuple else items
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise CheckConfigError(
+            f"check {kind!r}: parameter {key!r} = {value!r}; expected one of {', '.join(map(repr, args))}"
+        )
+    if hint is float or hint in (int, str, bool) or origin in (tuple, list):
+        raise CheckConfigError(f"check {kind!r}: parameter {key!r} = {value!r} should be {hint}")
+    return value
