@@ -1,0 +1,157 @@
+"""Check `occlusion-drop` (Zeiler & Fergus 2014, section 4.2)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from auditkit import evidence as ev
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status
+from auditkit.methods import occlusion as occ
+
+
+@dataclass
+class OcclusionDrop(Check):
+    """Occluding the object must cut the true-class probability; occluding elsewhere must not.
+
+    Per sample, with p = p(true class | image):
+        drop_object  = (p - p(object boxes replaced by the baseline)) / p
+        drop_control = mean over up to `control_boxes` same-size boxes that
+                       touch no object pixel of (p - p(control occluded)) / p
+    A sample passes when drop_object >= min_drop and drop_object > drop_control.
+    The check passes when the share of passing samples is >= min_pass_rate.
+    """
+
+    kind = "occlusion-drop"
+    title = "Occluding the object drops the class score"
+    description = (
+        "Per sample: drop = (p - p_occluded) / p for the true class. Passes when the object's drop "
+        "is >= min_drop and larger than the mean drop from same-size boxes placed outside the object, "
+        "for at least min_pass_rate of the samples."
+    )
+
+    min_drop: float = 0.5
+    min_pass_rate: float = 0.8
+    baseline: Literal["grey", "mean", "blur", "zero"] = "grey"
+    control_boxes: int = 4
+    patch: int = 0
+    stride: int = 0
+    evidence_samples: int = 8
+
+    def validate(self) -> None:
+        if not 0.0 < self.min_drop <= 1.0:
+            raise CheckConfigError(f"check {self.name!r}: min_drop must be in (0, 1], got {self.min_drop}")
+        if not 0.0 <= self.min_pass_rate <= 1.0:
+            raise CheckConfigError(f"check {self.name!r}: min_pass_rate must be in [0, 1], got {self.min_pass_rate}")
+        if self.control_boxes < 1:
+            raise CheckConfigError(f"check {self.name!r}: control_boxes must be >= 1, got {self.control_boxes}")
+        if self.patch < 0 or self.stride < 0 or self.evidence_samples < 0:
+            raise CheckConfigError(f"check {self.name!r}: patch, stride and evidence_samples must be >= 0")
+
+    def window(self, height: int, width: int) -> tuple[int, int]:
+        """Sensitivity-map window: patch defaults to a fifth of the shorter side, stride to a third of the patch."""
+        patch = self.patch or max(2, min(height, width) // 5)
+        return patch, self.stride or max(1, patch // 3)
+
+    def run(self, subject, audit_set) -> CheckResult:
+        usable = [i for i, s in enumerate(audit_set) if s.boxes]
+        if not usable:
+            return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")
+        images = torch.stack([audit_set[i].image for i in usable])
+        labels = torch.tensor([audit_set[i].label for i in usable])
+        n, _, h, w = images.shape
+        object_masks = torch.stack([audit_set[i].box_mask() for i in usable])
+        base = occ.baseline_images(images, self.baseline)
+
+        probs = subject.probabilities(images)
+        p = probs.gather(1, labels[:, None]).squeeze(1)
+        p_object = subject.class_probability(occ.occlude(images, object_masks, base), labels)
+
+        # control boxes: same size as the object's box, placed where no object pixel is
+        owners, control_masks, placements = [], [], []
+        for j, i in enumerate(usable):
+            union = occ.box_union(audit_set[i].boxes)
+            boxes = occ.control_boxes(object_masks[j], union, self.control_boxes)
+            placements.append(boxes)
+            owners += [j] * len(boxes)
+            if boxes:
+                control_masks.append(occ.box_masks(boxes, h, w))
+        owners_t = torch.tensor(owners, dtype=torch.long)
+        drop_control = torch.full((n,), float("nan"))
+        if owners:
+            masks = torch.cat(control_masks)
+            p_control = subject.class_probability(occ.occlude(images[owners_t], masks, base[owners_t]), labels[owners_t])
+            rel = (p[owners_t] - p_control) / p[owners_t].clamp_min(1e-12)
+            sums = torch.zeros(n).index_add_(0, owners_t, rel)
+            counts = torch.zeros(n).index_add_(0, owners_t, torch.ones(len(owners)))
+            drop_control = torch.where(counts > 0, sums / counts.clamp_min(1), drop_control)
+
+        drop_object = (p - p_object) / p.clamp_min(1e-12)
+        has_control = ~torch.isnan(drop_control)
+        passed = (drop_object >= self.min_drop) & has_control & (drop_object > drop_control)
+        judged = int(has_control.sum())
+        if judged == 0:
+            return self.error_result("no sample leaves room for a control box of the object's size outside the object")
+        rate = float(passed[has_control].float().mean())
+
+        predicted = probs.argmax(1)
+        names = subject.spec.class_names
+        rows = []
+        for j, i in enumerate(usable):
+            rows.append({
+                "sample": audit_set[i].id or str(i), "label": names[int(labels[j])], "predicted": names[int(predicted[j])],
+                "p": float(p[j]), "p_object_occluded": float(p_object[j]), "drop_object": float(drop_object[j]),
+                "drop_control": float(drop_control[j]) if has_control[j] else None,
+                "controls": len(placements[j]), "passed": bool(passed[j]),
+            })
+        skipped = len(audit_set) - n
+        notes = []
+        if skipped:
+            notes.append(f"{skipped} sample(s) without a box skipped")
+        if n - judged:
+            notes.append(f"{n - judged} sample(s) with no room for a control box not judged")
+        message = (
+            f"{int(passed.sum())} of {judged} samples pass; mean drop when the object is occluded "
+            f"{float(drop_object.mean()):.2f}, when a control box is {float(drop_control[has_control].mean()):.2f}"
+        )
+        result = self.result(
+            metric="pass rate", value=rate, threshold=self.min_pass_rate, rows=rows,
+            columns=list(rows[0]), message="; ".join([message] + notes),
+            details={
+                "mean_drop_object": float(drop_object.mean()),
+                "mean_drop_control": float(drop_control[has_control].mean()),
+                "accuracy": float((predicted == labels).float().mean()),
+                "samples_judged": judged, "samples_skipped": skipped,
+            },
+        )
+        result.evidence = self._evidence(subject, audit_set, usable, images, labels, object_masks, base, placements, passed)
+        return result
+
+    def _evidence(self, subject, audit_set, usable, images, labels, object_masks, base, placements, passed):
+        """Image with box, occluded image, occlusion map overlay and control boxes for a few samples, failures first."""
+        if self.evidence_samples == 0:
+            return []
+        order = sorted(range(len(usable)), key=lambda j: (bool(passed[j]), j))[: self.evidence_samples]
+        idx = torch.tensor(order)
+        patch, stride = self.window(*images.shape[-2:])
+        maps = occ.occlusion_map(subject, images[idx], labels[idx], patch=patch, stride=stride, baseline=self.baseline)
+        occluded = occ.occlude(images[idx], object_masks[idx], base[idx])
+        rows, titles, labels_txt = [], [], []
+        names = subject.spec.class_names
+        for k, j in enumerate(order):
+            sample = audit_set[usable[j]]
+            boxed = ev.draw_boxes(images[j], sample.boxes)
+            controls = ev.draw_boxes(boxed, placements[j], color=(255, 160, 0))
+            heat = ev.mark_point(ev.overlay(images[j], maps[k]), ev.argmax_xy(maps[k]))
+            rows.append([controls, ev.to_pil(occluded[k]), ev.draw_boxes(heat, sample.boxes)])
+            titles.append(["image, box, controls", "object occluded", "occlusion map"])
+            verdict = "pass" if passed[j] else "FAIL"
+            labels_txt.append(f"{sample.id} ({names[int(labels[j])]}) {verdict}")
+        grid = ev.panel_grid(rows, titles=titles, row_labels=labels_txt, scale=max(1, 192 // images.shape[-1]))
+        caption = (
+            f"Green: object box; orange: control boxes. Occlusion map: drop in p(true class) when a "
+            f"{patch} x {patch} window (stride {stride}) is replaced by the {self.baseline} baseline; "
+            "brighter = the model relies on it more. Failing samples first."
+        )
+        return [ev.png_evidence("Occlusion evidence", grid, caption)]

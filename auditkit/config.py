@@ -1,0 +1,91 @@
+"""The audit configuration: `[tool.auditkit]` in pyproject.toml, or a file named by --audit-config.
+
+    [tool.auditkit]
+    dataset = "shapes-val"          # audit set for every model (else the ModelSpec's)
+    device = "auto"                 # auto | cpu | cuda | cuda:N
+    report_dir = "audit-report"
+    batch_size = 64
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"         # any registered check kind
+    name = "occlusion-blur"         # optional: the item id (defaults to kind)
+    baseline = "blur"               # the check's parameters
+
+A file given with --audit-config may hold the same keys at its top level or
+under [tool.auditkit]. This module imports no torch.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+KEYS = ("dataset", "device", "report_dir", "batch_size", "checks")
+
+
+class AuditConfigError(ValueError):
+    """The configuration file or table is malformed; the message names the file and the key."""
+
+
+@dataclass
+class AuditConfig:
+    dataset: str | None = None
+    device: str | None = None
+    report_dir: str | None = None
+    batch_size: int | None = None
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "(defaults)"
+
+
+def load_config(path: str | Path | None = None, rootdir: str | Path = ".") -> AuditConfig:
+    """Read `path`, else rootdir/pyproject.toml's [tool.auditkit]; neither gives the defaults."""
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise AuditConfigError(f"audit config {file}: file not found")
+        data = _read_toml(file)
+        table = data.get("tool", {}).get("auditkit", data)
+    else:
+        file = Path(rootdir) / "pyproject.toml"
+        if not file.is_file():
+            return AuditConfig()
+        table = _read_toml(file).get("tool", {}).get("auditkit")
+        if table is None:
+            return AuditConfig(source=f"{file} (no [tool.auditkit])")
+    return parse_table(table, str(file))
+
+
+def _read_toml(file: Path) -> dict[str, Any]:
+    try:
+        with file.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise AuditConfigError(f"audit config {file}: invalid TOML: {exc}") from exc
+
+
+def parse_table(table: dict[str, Any], source: str) -> AuditConfig:
+    """Validate the [tool.auditkit] table: known keys, right types, checks as a list of tables with a kind."""
+    unknown = sorted(set(table) - set(KEYS))
+    if unknown:
+        raise AuditConfigError(f"audit config {source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(KEYS)}")
+    for key in ("dataset", "device", "report_dir"):
+        if key in table and not isinstance(table[key], str):
+            raise AuditConfigError(f"audit config {source}: {key} must be a string, got {table[key]!r}")
+    batch = table.get("batch_size")
+    if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise AuditConfigError(f"audit config {source}: batch_size must be a positive integer, got {batch!r}")
+    checks = table.get("checks", [])
+    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
+        raise AuditConfigError(f"audit config {source}: checks must be an array of tables ([[tool.auditkit.checks]])")
+    for i, check in enumerate(checks):
+        if not isinstance(check.get("kind"), str):
+            raise AuditConfigError(f"audit config {source}: checks[{i}] has no kind = \"...\"")
+    return AuditConfig(
+        dataset=table.get("dataset"), device=table.get("device"), report_dir=table.get("report_dir"),
+        batch_size=batch, checks=[dict(c) for c in checks], source=source,
+    )
