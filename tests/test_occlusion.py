@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from auditkit import Box, ModelSpec
+from auditkit.checks.base import Status
+from auditkit.checks.occlusion import OcclusionDrop
+from auditkit.methods import occlusion as occ
+from auditkit.subject import Subject
+from tests.toys import halves_set, region_spec
+
+
+class PixelProbe(nn.Module):
+    """Two classes: logit_0 = gain * x[0, py, px], logit_1 = 0, so p_0 = sigmoid(gain * pixel)."""
+
+    def __init__(self, py: int, px: int, gain: float = 4.0):
+        super().__init__()
+        self.py, self.px, self.gain = py, px, gain
+
+    def forward(self, x):
+        a = self.gain * x[:, 0, self.py, self.px]
+        return torch.stack([a, torch.zeros_like(a)], 1)
+
+
+def probe_subject(py=5, px=7, size=12):
+    spec = ModelSpec(module=PixelProbe(py, px), class_names=["on", "off"], input_size=(size, size), name="probe")
+    return Subject(spec, device="cpu", batch_size=7).open()
+
+
+def reference_map(subject, image, label, patch, stride, baseline):
+    """Captum-style occlusion by explicit loops over windows (test reference only)."""
+    _, h, w = image.shape
+    base = occ.baseline_images(image[None], baseline)[0]
+    p0 = subject.probabilities(image[None])[0, label]
+    total, count = torch.zeros(h, w), torch.zeros(h, w)
+    for y in occ.window_starts(h, patch, stride).tolist():
+        for x in occ.window_starts(w, patch, stride).tolist():
+            img = image.clone()
+            img[:, y : y + patch, x : x + patch] = base[:, y : y + patch, x : x + patch]
+            drop = p0 - subject.probabilities(img[None])[0, label]
+            total[y : y + patch, x : x + patch] += drop
+            count[y : y + patch, x : x + patch] += 1
+    return total / count
+
+
+@pytest.mark.parametrize("baseline", ["grey", "zero", "mean", "blur"])
+def test_occlusion_map_matches_window_loop(baseline):
+    subject = probe_subject()
+    torch.manual_seed(1)
+    images = torch.rand(3, 3, 12, 12)
+    labels = torch.tensor([0, 1, 0])
+    maps = occ.occlusion_map(subject, images, labels, patch=4, stride=3, baseline=baseline)
+    for i in range(3):
+        ref = reference_map(subject, images[i], int(labels[i]), 4, 3, baseline)
+        assert torch.allclose(maps[i], ref, atol=1e-6)
+
+
+def test_occlusion_map_closed_form_for_a_single_pixel_model():
+    subject = probe_subject(py=5, px=7)
+    image = torch.ones(1, 3, 12, 12)
+    maps = occ.occlusion_map(subject, image, torch.tensor([0]), patch=3, stride=3, baseline="zero")
+    drop = 1 / (1 + math.exp(-4.0)) - 0.5  # p(on | pixel 1) - p(on | pixel 0)
+    # windows start at 0, 3, 6, 9: only the window [3, 6) x [6, 9) covers (5, 7)
+    expected = torch.zeros(12, 12)
+    expected[3:6, 6:9] = drop
+    assert torch.allclose(maps[0], expected, atol=1e-6)
+
+
+def test_window_starts_cover_the_image():
+    assert occ.window_starts(10, 4, 3).tolist() == [0, 3, 6]
+    assert occ.window_starts(11, 4, 3).tolist() == [0, 3, 6, 7]
+    with pytest.raises(ValueError, match="larger than the image"):
+        occ.window_starts(3, 4, 1)
+
+
+def test_control_boxes_avoid_the_object_and_keep_its_size():
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[10:20, 4:12] = True
+    boxes = occ.control_boxes(mask, Box(4, 10, 12, 20), 4)
+    assert len(boxes) == 4
+    for b in boxes:
+        assert (b.width, b.height) == (8, 10)
+        r, c = b.pixel_slices(32, 32)
+        assert not mask[r, c].any()
+    assert occ.control_boxes(torch.ones(8, 8, dtype=torch.bool), Box(0, 0, 4, 4), 2) == []
+
+
+def test_baselines():
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.all(occ.baseline_images(images, "grey") == 0.5)
+    assert torch.all(occ.baseline_images(images, "zero") == 0)
+    mean = occ.baseline_images(images, "mean")
+    assert torch.allclose(mean[:, :, 3, 5], images.mean(dim=(2, 3)))
+    blurred = occ.baseline_images(images, "blur")
+    assert blurred.shape == images.shape and blurred.std() < images.std()
+    assert torch.allclose(occ.baseline_images(torch.full((1, 3, 16, 16), 0.3), "blur"), torch.full((1, 3, 16, 16), 0.3), atol=1e-6)
+    with pytest.raises(ValueError, match="unknown occlusion baseline 'fog'"):
+        occ.baseline_images(images, "fog")
+
+
+def test_check_drops_match_closed_form():
+    """RegionScore: logits = 100 (mean(half) - 0.05) for left/right, 0 for 'empty'."""
+    data = halves_set()
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero").execute(subject, data)
+    assert result.status is Status.PASSED and result.value == 1.0
+    # object (6 x 8 white pixels in a 16 x 8 half): mean 48 / 128 = 0.375
+    logits = torch.tensor([100 * (0.375 - 0.05), -5.0, 0.0])
+    p = torch.softmax(logits, 0)[0]
+    p_occluded = torch.softmax(torch.tensor([-5.0, -5.0, 0.0]), 0)[0]
+    row = result.rows[0]
+    assert row["p"] == pytest.approx(float(p), rel=1e-5)
+    assert row["p_object_occluded"] == pytest.approx(float(p_occluded), rel=1e-5)
+    assert row["drop_object"] == pytest.approx(float((p - p_occluded) / p), rel=1e-5)
+    assert row["drop_control"] == pytest.approx(0.0, abs=1e-6)  # the background is already zero
+    assert result.evidence and result.evidence[0].media_type == "image/png"
+
+
+def test_check_fails_when_the_model_ignores_the_object():
+    """Grey over a white object leaves mean(half) > offset: the model still answers 'left'."""
+    data = halves_set()
+    with Subject(region_spec(gain=100.0, offset=0.0), device="cpu") as subject:
+        result = OcclusionDrop(baseline="grey", min_drop=0.5).execute(subject, data)
+    assert result.status is Status.FAILED
+    assert result.value == 0.0
+    assert all(r["passed"] is False for r in result.rows)
+
+
+def test_check_without_boxes_is_an_error_not_a_pass():
+    from auditkit import AuditSet, Sample
+
+    data = AuditSet([Sample(torch.rand(3, 16, 16), 0, (), "nobox")], ["left", "right", "empty"])
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop().execute(subject, data)
+    assert result.status is Status.ERROR and "no sample with an object box" in result.message
+
+
+def test_check_crash_is_an_error_with_traceback():
+    data = halves_set()
+    with Subject(region_spec(), device="cpu") as subject:
+        subject.spec.module.forward = lambda x: (_ for _ in ()).throw(RuntimeError("kaput"))
+        result = OcclusionDrop().execute(subject, data)
+    assert result.status is Status.ERROR
+    assert "RuntimeError: kaput" in result.message and "Traceback" in result.error

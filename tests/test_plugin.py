@@ -1,0 +1,186 @@
+"""The pytest plugin, end to end through pytester."""
+import json
+import pathlib
+import sys
+import textwrap
+
+import pytest
+
+# pytester's in-process runs drop modules first imported inside a run; import
+# the library here so every run shares one ModelSpec class with tests.toys.
+import auditkit.checks.occlusion  # noqa: F401
+import auditkit.report  # noqa: F401
+import auditkit.runner  # noqa: F401
+import tests.toys  # noqa: F401
+
+CONFTEST = textwrap.dedent("""
+    import auditkit
+    from tests.toys import halves_set, region_spec
+
+    @auditkit.register_model("good")
+    def good():
+        return region_spec()
+
+    @auditkit.register_model("shortcut")
+    def shortcut():
+        return region_spec(offset=0.0)  # grey over the object leaves its half bright: no drop
+
+    @auditkit.register_model("broken")
+    def broken():
+        raise RuntimeError("weights file is corrupt")
+
+    @auditkit.register_dataset("halves")
+    def halves():
+        return halves_set()
+""")
+
+PYPROJECT = textwrap.dedent("""
+    [tool.auditkit]
+    dataset = "halves"
+    device = "cpu"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    baseline = "zero"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    name = "occlusion-grey"
+    baseline = "grey"
+""")
+
+
+@pytest.fixture
+def project(pytester, monkeypatch):
+    monkeypatch.syspath_prepend(str(pytester.path))
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyprojecttoml(PYPROJECT)
+    repo = str(pathlib.Path(__file__).parent.parent)
+    pytester.syspathinsert(repo)
+    monkeypatch.setenv("PYTHONPATH", repo)  # for runpytest_subprocess
+    return pytester
+
+
+def report_json(pytester):
+    return json.loads((pytester.path / "audit-report" / "audit.json").read_text())
+
+
+def test_passing_audit_writes_report(project):
+    result = project.runpytest("--audit-model", "good", "-k", "occlusion-drop", "-v")
+    result.assert_outcomes(passed=1, deselected=1)
+    result.stdout.fnmatch_lines(["*audit[[]good[]]::occlusion-drop PASSED*", "*report: audit-report*index.html*"])
+    data = report_json(project)
+    assert [r["check"] for r in data["results"]] == ["occlusion-drop"]
+    assert data["results"][0]["status"] == "passed" and data["meta"]["models"][0]["name"] == "good"
+    assert data["meta"]["device"] == "cpu" and data["meta"]["torch_version"]
+    html = (project.path / "audit-report" / "index.html").read_text()
+    assert "occlusion-drop" in html and "halves" in html
+    evidence = data["results"][0]["evidence"][0]["path"]
+    assert (project.path / "audit-report" / evidence).is_file()
+
+
+def test_failing_check_fails_the_run(project):
+    result = project.runpytest("--audit-model", "shortcut")
+    result.assert_outcomes(passed=1, failed=1)  # zero baseline still drops; grey does not
+    assert result.ret == 1
+    result.stdout.fnmatch_lines(["*occlusion-grey: FAILED: pass rate = 0 (needs >= 0.8)*"])
+    statuses = {r["check"]: r["status"] for r in report_json(project)["results"]}
+    assert statuses == {"occlusion-drop": "passed", "occlusion-grey": "failed"}
+    assert [r["status"] for r in report_json(project)["results"]] == ["failed", "passed"]  # failures first
+
+
+def test_model_that_cannot_load_is_an_error_not_a_pass(project):
+    result = project.runpytest("--audit-model", "broken")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*ERROR: RuntimeError: weights file is corrupt*"])
+    assert {r["status"] for r in report_json(project)["results"]} == {"error"}
+
+
+def test_unknown_model_is_a_usage_error_listing_names(project):
+    result = project.runpytest("--audit-model", "nope")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown model 'nope'; registered models: broken, demo, demo-shortcut, good, shortcut*"])
+
+
+def test_unknown_check_parameter_is_a_usage_error(project):
+    project.makepyprojecttoml('[tool.auditkit]\ndataset = "halves"\n[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nmin_dorp = 1\n')
+    result = project.runpytest("--audit-model", "good")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*unknown parameter(s) min_dorp; valid parameters: name, min_drop*"])
+
+
+def test_audit_config_file_and_custom_check(project):
+    project.makepyfile(custom_checks=textwrap.dedent("""
+        from dataclasses import dataclass
+        import auditkit
+
+        @auditkit.register_check("accuracy-at-least")
+        @dataclass
+        class AccuracyAtLeast(auditkit.Check):
+            min_accuracy: float = 0.9
+
+            def run(self, subject, audit_set):
+                predicted = subject.predict(audit_set.images()).argmax(1)
+                accuracy = float((predicted == audit_set.labels()).float().mean())
+                return self.result(metric="accuracy", value=accuracy, threshold=self.min_accuracy)
+    """))
+    project.makefile(".toml", audit=textwrap.dedent("""
+        dataset = "halves"
+        [[checks]]
+        kind = "accuracy-at-least"
+        min_accuracy = 0.99
+    """))
+    project.makeconftest(CONFTEST + "\nimport custom_checks\n")
+    result = project.runpytest("--audit-model", "good", "--audit-config", "audit.toml", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*audit[[]good[]]::accuracy-at-least PASSED*"])
+    assert report_json(project)["results"][0]["value"] == 1.0
+
+
+def test_fixtures_for_plain_tests(project):
+    project.makepyfile(test_mine=textwrap.dedent("""
+        def test_accuracy(audit_subject, audit_set, audit_evidence):
+            audit_evidence.image("first sample", audit_set[0].image)
+            predicted = audit_subject.predict(audit_set.images()).argmax(1)
+            assert (predicted == audit_set.labels()).all()
+    """))
+    result = project.runpytest("--audit-model", "good", "-k", "accuracy", "-v")
+    result.assert_outcomes(passed=1, deselected=2)
+    result.stdout.fnmatch_lines(["*test_accuracy[[]audit-good[]] PASSED*"])
+    (entry,) = report_json(project)["results"]
+    assert entry["kind"] == "test" and entry["evidence"][0]["title"] == "first sample"
+
+
+def test_plain_fixture_tests_skip_without_audit_model(project):
+    project.makepyfile(test_mine="def test_needs(audit_subject):\n    pass\n")
+    result = project.runpytest()
+    result.assert_outcomes(skipped=1)
+    assert not (project.path / "audit-report").exists()
+
+
+def test_marker_selects_the_audit_alone(project):
+    project.makepyfile(test_other="def test_unrelated():\n    pass\n")
+    result = project.runpytest("--audit-model", "good", "-m", "audit")
+    result.assert_outcomes(passed=1, failed=1, deselected=1)  # good passes with a zero baseline, not grey
+
+
+def test_xdist_gives_one_correct_report(project):
+    result = project.runpytest_subprocess("--audit-model", "good", "--audit-model", "shortcut", "-n", "2", "-p", "xdist")
+    result.assert_outcomes(passed=2, failed=2)  # grey fails for both toy models
+    data = report_json(project)
+    assert len(data["results"]) == 4
+    assert {(r["model"], r["check"]) for r in data["results"]} == {
+        ("good", "occlusion-drop"), ("good", "occlusion-grey"), ("shortcut", "occlusion-drop"), ("shortcut", "occlusion-grey")}
+    assert data["meta"]["counts"]["failed"] == 2
+    assert not list((project.path / "audit-report").glob("*.tmp*"))
+
+
+def test_plugin_does_not_import_torch_without_audit_options(pytester):
+    pytester.makeconftest(textwrap.dedent("""
+        import sys
+        def pytest_sessionfinish(session):
+            assert "auditkit.pytest_plugin" in sys.modules
+            assert "torch" not in sys.modules, "auditkit imported torch in a run without --audit-*"
+    """))
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:hypothesispytest")
+    result.assert_outcomes(passed=1)
+    assert result.ret == 0
