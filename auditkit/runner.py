@@ -126,6 +126,7 @@ class AuditSession:
             import torch
 
             info.update(subject.describe())
+            info["spec_name"], info["name"] = info["name"], model
             info["torch_version"] = str(torch.__version__)
         if model in self._sets:
             info["dataset"] = self._sets[model].name

@@ -17,8 +17,9 @@ class OcclusionDrop(Check):
 
     Per sample, with p = p(true class | image):
         drop_object  = (p - p(object boxes replaced by the baseline)) / p
-        drop_control = mean over up to `control_boxes` same-size boxes that
-                       touch no object pixel of (p - p(control occluded)) / p
+        drop_control = mean over up to `control_boxes` same-size boxes, each
+                       covering at most `control_overlap` of its area with
+                       the object's boxes, of (p - p(control occluded)) / p
     A sample passes when drop_object >= min_drop and drop_object > drop_control.
     The check passes when the share of passing samples is >= min_pass_rate.
     """
@@ -27,7 +28,8 @@ class OcclusionDrop(Check):
     title = "Occluding the object drops the class score"
     description = (
         "Per sample: drop = (p - p_occluded) / p for the true class. Passes when the object's drop "
-        "is >= min_drop and larger than the mean drop from same-size boxes placed outside the object, "
+        "is >= min_drop and larger than the mean drop from same-size boxes placed away from the object "
+        "(each covering at most control_overlap of it), "
         "for at least min_pass_rate of the samples."
     )
 
@@ -35,6 +37,7 @@ class OcclusionDrop(Check):
     min_pass_rate: float = 0.8
     baseline: Literal["grey", "mean", "blur", "zero"] = "grey"
     control_boxes: int = 4
+    control_overlap: float = 0.25
     patch: int = 0
     stride: int = 0
     evidence_samples: int = 8
@@ -44,6 +47,8 @@ class OcclusionDrop(Check):
             raise CheckConfigError(f"check {self.name!r}: min_drop must be in (0, 1], got {self.min_drop}")
         if not 0.0 <= self.min_pass_rate <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_pass_rate must be in [0, 1], got {self.min_pass_rate}")
+        if not 0.0 <= self.control_overlap < 1.0:
+            raise CheckConfigError(f"check {self.name!r}: control_overlap must be in [0, 1), got {self.control_overlap}")
         if self.control_boxes < 1:
             raise CheckConfigError(f"check {self.name!r}: control_boxes must be >= 1, got {self.control_boxes}")
         if self.patch < 0 or self.stride < 0 or self.evidence_samples < 0:
@@ -72,7 +77,7 @@ class OcclusionDrop(Check):
         owners, control_masks, placements = [], [], []
         for j, i in enumerate(usable):
             union = occ.box_union(audit_set[i].boxes)
-            boxes = occ.control_boxes(object_masks[j], union, self.control_boxes)
+            boxes = occ.control_boxes(object_masks[j], union, self.control_boxes, self.control_overlap)
             placements.append(boxes)
             owners += [j] * len(boxes)
             if boxes:

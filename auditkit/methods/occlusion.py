@@ -121,8 +121,9 @@ def box_union(boxes: tuple[Box, ...]) -> Box:
     return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
 
 
-def control_boxes(object_mask: torch.Tensor, box: Box, count: int) -> list[Box]:
-    """Up to `count` boxes of box's size that touch no object pixel, spread apart.
+def control_boxes(object_mask: torch.Tensor, box: Box, count: int, max_overlap: float = 0.0) -> list[Box]:
+    """Up to `count` boxes of box's size, spread apart, each covering at most
+    `max_overlap` of its area with object pixels (0: they touch no object).
 
     Candidates lie on a grid of step max(1, side / 4); the first is the one
     farthest from the object's box centre, each next one the farthest from
@@ -130,7 +131,7 @@ def control_boxes(object_mask: torch.Tensor, box: Box, count: int) -> list[Box]:
     """
     h, w = object_mask.shape
     bh, bw = int(round(box.height)), int(round(box.width))
-    if bh >= h or bw >= w or count <= 0:
+    if bh > h or bw > w or count <= 0:
         return []
     ys = window_starts(h, bh, max(1, bh // 4))
     xs = window_starts(w, bw, max(1, bw // 4))
@@ -138,7 +139,7 @@ def control_boxes(object_mask: torch.Tensor, box: Box, count: int) -> list[Box]:
     integral = F.pad(object_mask.float().cumsum(0).cumsum(1), (1, 0, 1, 0))
     y0, x0 = ys[:, None], xs[None, :]
     inside = integral[y0 + bh, x0 + bw] - integral[y0, x0 + bw] - integral[y0 + bh, x0] + integral[y0, x0]
-    free = (inside == 0).nonzero()
+    free = (inside <= max_overlap * bh * bw).nonzero()
     if len(free) == 0:
         return []
     centres = torch.stack([ys[free[:, 0]] + bh / 2, xs[free[:, 1]] + bw / 2], dim=1).float()
