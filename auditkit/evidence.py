@@ -178,6 +178,14 @@ def overlay(
     return to_pil((1.0 - a) * base + a * colors)
 
 
+def upscale(img: Image.Image | torch.Tensor, scale: int) -> Image.Image:
+    """An RGB picture enlarged `scale` times with nearest-neighbour sampling (pixels stay crisp)."""
+    pil = _to_rgb_image(img)
+    if scale <= 1:
+        return pil
+    return pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+
+
 def draw_boxes(
     img: Image.Image | torch.Tensor,
     boxes: Iterable[Box | Sequence[float]],

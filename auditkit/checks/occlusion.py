@@ -108,7 +108,7 @@ class OcclusionDrop(Check):
                 "sample": audit_set[i].id or str(i), "label": names[int(labels[j])], "predicted": names[int(predicted[j])],
                 "p": float(p[j]), "p_object_occluded": float(p_object[j]), "drop_object": float(drop_object[j]),
                 "drop_control": float(drop_control[j]) if has_control[j] else None,
-                "controls": len(placements[j]), "passed": bool(passed[j]),
+                "controls": len(placements[j]), "passed": bool(passed[j]) if has_control[j] else None,
             })
         skipped = len(audit_set) - n
         notes = []
@@ -137,23 +137,32 @@ class OcclusionDrop(Check):
         """Image with box, occluded image, occlusion map overlay and control boxes for a few samples, failures first."""
         if self.evidence_samples == 0:
             return []
-        order = sorted(range(len(usable)), key=lambda j: (bool(passed[j]), j))[: self.evidence_samples]
+        def rank(j: int) -> int:  # judged failures, then unjudged samples, then passes
+            return 2 if passed[j] else (1 if not placements[j] else 0)
+
+        order = sorted(range(len(usable)), key=lambda j: (rank(j), j))[: self.evidence_samples]
         idx = torch.tensor(order)
         patch, stride = self.window(*images.shape[-2:])
         maps = occ.occlusion_map(subject, images[idx], labels[idx], patch=patch, stride=stride, baseline=self.baseline)
         occluded = occ.occlude(images[idx], object_masks[idx], base[idx])
         rows, titles, labels_txt = [], [], []
         names = subject.spec.class_names
+        scale = max(1, 192 // images.shape[-1])  # draw boxes after enlarging, so lines stay thin
+
+        def boxes_on(img, boxes, color=(0, 255, 0)):
+            return ev.draw_boxes(ev.upscale(img, scale), [b.scaled(scale, scale) for b in boxes], color=color, width=2)
+
         for k, j in enumerate(order):
             sample = audit_set[usable[j]]
-            boxed = ev.draw_boxes(images[j], sample.boxes)
-            controls = ev.draw_boxes(boxed, placements[j], color=(255, 160, 0))
-            heat = ev.mark_point(ev.overlay(images[j], maps[k]), ev.argmax_xy(maps[k]))
-            rows.append([controls, ev.to_pil(occluded[k]), ev.draw_boxes(heat, sample.boxes)])
+            picture = boxes_on(images[j], placements[j], (255, 160, 0))
+            picture = ev.draw_boxes(picture, [b.scaled(scale, scale) for b in sample.boxes], color=(0, 255, 0), width=2)
+            x, y = ev.argmax_xy(maps[k])
+            heat = ev.mark_point(boxes_on(ev.overlay(images[j], maps[k]), sample.boxes), ((x + 0.5) * scale, (y + 0.5) * scale))
+            rows.append([picture, ev.upscale(occluded[k], scale), heat])
             titles.append(["image, box, controls", "object occluded", "occlusion map"])
-            verdict = "pass" if passed[j] else "FAIL"
+            verdict = {0: "FAIL", 1: "not judged", 2: "pass"}[rank(j)]
             labels_txt.append(f"{sample.id} ({names[int(labels[j])]}) {verdict}")
-        grid = ev.panel_grid(rows, titles=titles, row_labels=labels_txt, scale=max(1, 192 // images.shape[-1]))
+        grid = ev.panel_grid(rows, titles=titles, row_labels=labels_txt, scale=1)
         caption = (
             f"Green: object box; orange: control boxes. Occlusion map: drop in p(true class) when a "
             f"{patch} x {patch} window (stride {stride}) is replaced by the {self.baseline} baseline; "

@@ -1,0 +1,65 @@
+"""Grad-CAM (Selvaraju et al. 2017): class activation maps from a layer's gradients.
+
+For the activation A (N x K x h x w) of a layer and the target logit f_t:
+
+    w_k = (1 / (h w)) sum_ij d f_t / d A_kij
+    map = relu(sum_k w_k A_k)                     (h x w)
+
+then bilinearly upsampled to the input size (align_corners=False). A is
+captured by a forward hook that keeps the graph (``subject.capture(...,
+detach=False)``) and d f_t / d A comes from torch.autograd.grad: no backward
+hooks on modules, the model is never changed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from auditkit.methods.gradients import _check
+
+__all__ = ["grad_cam"]
+
+
+def _cam_chunk(subject, pixels: torch.Tensor, targets: torch.Tensor, layer: str) -> torch.Tensor:
+    """relu(sum_k w_k A_k) at the layer's resolution, N x h x w on the Subject's device."""
+    x = pixels.detach().to(subject.device, torch.float32).clone().requires_grad_(True)
+    t = targets.to(subject.device).view(-1, 1)
+    with torch.enable_grad(), subject.capture([layer], detach=False) as acts:
+        logits = subject.forward(x)
+        if layer not in acts:
+            raise ValueError(f"layer {layer!r} of model {subject.name!r} did not output a tensor in the forward")
+        a = acts[layer]
+        if a.ndim != 4:
+            raise ValueError(f"layer {layer!r} outputs shape {tuple(a.shape)}, Grad-CAM needs N x K x h x w")
+        (grad,) = torch.autograd.grad(logits.gather(1, t).sum(), a)
+    weights = grad.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of d f_t / d A_k
+    return F.relu((weights * a.detach()).sum(dim=1))
+
+
+def grad_cam(
+    subject,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    layer: str | None = None,
+    upsample: bool = True,
+) -> torch.Tensor:
+    """Grad-CAM maps, N x H x W on the CPU (N x h x w at the layer's resolution when upsample=False).
+
+    layer: a name from named_modules(); default the deepest of subject.layers.
+    Chunked by subject.batch_size.
+    """
+    targets = _check(subject, images, targets)
+    if layer is None:
+        if not subject.layers:
+            raise ValueError(f"model {subject.name!r} has no layers; pass layer= to grad_cam")
+        layer = subject.layers[-1]
+    subject.layer(layer)  # unknown names raise, listing the valid ones
+    size = max(1, int(subject.batch_size))
+    out = []
+    for start in range(0, images.shape[0], size):
+        cam = _cam_chunk(subject, images[start : start + size], targets[start : start + size], layer)
+        if upsample:
+            cam = F.interpolate(cam.unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
+                                align_corners=False).squeeze(1)
+        out.append(cam.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, *images.shape[-2:])

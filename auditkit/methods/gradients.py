@@ -1,0 +1,292 @@
+"""Gradient attributions of the target logit w.r.t. the input pixels.
+
+Every function takes ``(subject, images, targets)``: images are N x C x H x W
+pixels in [0, 1], targets N class indices (int64). The Subject normalises
+inside its forward, so every gradient flows through (x - mean) / std: the
+attributions are in *pixel* space. f_t(x) below is the target's logit (not
+the softmax), as Captum's Saliency uses it.
+
+The forward always runs under torch.enable_grad() on a detached clone of the
+images (requires_grad=True), in chunks of ``subject.batch_size``, on the
+Subject's device; the model is never changed (the Subject already turned
+requires_grad off on its parameters, so only the input gets a gradient).
+Attributions come back on the CPU.
+
+- gradient:             d f_t / d x                          (Simonyan et al. 2014)
+- input_x_gradient:     x * d f_t / d x                      (Shrikumar et al. 2016)
+- smoothgrad:           mean_s d f_t / d x (x + eps_s),  eps_s ~ N(0, (noise * range)^2)   (Smilkov et al. 2017)
+- integrated_gradients: (x - b) * sum_k w_k d f_t / d x (b + a_k (x - b))   (Sundararajan et al. 2017)
+- guided_backprop:      ReLU backward  g_in = [x > 0] * relu(g_out)   (Springenberg et al. 2015)
+- deconvnet:            ReLU backward  g_in = relu(g_out)             (Zeiler & Fergus 2014)
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+Reduce = Literal["sum", "abs_sum", "max_abs"]
+IGMethod = Literal["riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"]
+IG_METHODS: tuple[str, ...] = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
+
+__all__ = [
+    "to_map",
+    "gradient",
+    "input_x_gradient",
+    "smoothgrad",
+    "integrated_gradients",
+    "ig_weights",
+    "guided_backprop",
+    "deconvnet",
+    "relu_backward_override",
+]
+
+
+# -- helpers ---------------------------------------------------------------
+def _check(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Targets as an int64 CPU vector of length N; shape errors name what was expected."""
+    if images.ndim != 4:
+        raise ValueError(f"images have shape {tuple(images.shape)}, expected N x C x H x W pixels")
+    targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1).cpu()
+    if targets.shape[0] != images.shape[0]:
+        raise ValueError(f"{targets.shape[0]} targets for {images.shape[0]} images: expected one target per image")
+    return targets
+
+
+def _target_grad(subject, pixels: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d f_t / d pixels, f_t) for one chunk, on the Subject's device.
+
+    Runs with grad enabled on a detached clone; the sum over the chunk of the
+    target logits is differentiated (images are independent in eval mode).
+    """
+    x = pixels.detach().to(subject.device, torch.float32).clone().requires_grad_(True)
+    t = targets.to(subject.device).view(-1, 1)
+    with torch.enable_grad():
+        logits = subject.forward(x)
+        chosen = logits.gather(1, t).squeeze(1)
+        (grad,) = torch.autograd.grad(chosen.sum(), x)
+    return grad, chosen.detach()
+
+
+def _chunked_grad(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """d f_t / d x for all images, chunk by chunk, on the CPU."""
+    targets = _check(subject, images, targets)
+    out = []
+    size = max(1, int(subject.batch_size))
+    for start in range(0, images.shape[0], size):
+        grad, _ = _target_grad(subject, images[start : start + size], targets[start : start + size])
+        out.append(grad.float().cpu())
+    return torch.cat(out) if out else torch.empty(images.shape)
+
+
+def to_map(attr: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
+    """Collapse channels: N x C x H x W -> N x H x W.
+
+    sum: sum_c a_c; abs_sum: sum_c |a_c|; max_abs: max_c |a_c|.
+    """
+    if attr.ndim != 4:
+        raise ValueError(f"attributions have shape {tuple(attr.shape)}, expected N x C x H x W")
+    if reduce == "sum":
+        return attr.sum(dim=1)
+    if reduce == "abs_sum":
+        return attr.abs().sum(dim=1)
+    if reduce == "max_abs":
+        return attr.abs().amax(dim=1)
+    raise ValueError(f"unknown reduce {reduce!r}; expected sum, abs_sum or max_abs")
+
+
+# -- plain gradients --------------------------------------------------------
+def gradient(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Saliency (Simonyan et al.): d f_t(x) / d x, N x C x H x W on the CPU (signed; no abs)."""
+    return _chunked_grad(subject, images, targets)
+
+
+def input_x_gradient(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Input x gradient: x * d f_t(x) / d x, N x C x H x W on the CPU."""
+    return images.detach().float().cpu() * _chunked_grad(subject, images, targets)
+
+
+def smoothgrad(
+    subject,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    samples: int = 16,
+    noise: float = 0.15,
+    seed: int = 0,
+) -> torch.Tensor:
+    """SmoothGrad (Smilkov et al.): (1 / S) sum_s d f_t / d x evaluated at x + eps_s.
+
+    eps_s ~ N(0, sigma^2) with sigma = noise * (x_max - x_min) for the pixel
+    range [0, 1], i.e. sigma = noise. Noisy images are not clipped. The
+    noise is drawn on the CPU from a torch.Generator seeded with `seed`,
+    image by image in order (S x C x H x W each), so the result does not
+    depend on the batch size or the device. All S noisy copies of a chunk of
+    max(1, batch_size // S) images go through one forward.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    targets = _check(subject, images, targets)
+    sigma = float(noise) * (1.0 - 0.0)  # fraction of the pixel range [0, 1]
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    n, per_chunk = images.shape[0], max(1, int(subject.batch_size) // samples)
+    out = []
+    for start in range(0, n, per_chunk):
+        x = images[start : start + per_chunk].detach().float().cpu()
+        eps = torch.stack([torch.randn((samples, *x.shape[1:]), generator=gen) for _ in range(x.shape[0])])
+        noisy = (x.unsqueeze(1) + sigma * eps).flatten(0, 1)  # (k * S) x C x H x W, image-major
+        t = targets[start : start + per_chunk].repeat_interleave(samples)
+        grad, _ = _target_grad(subject, noisy, t)
+        out.append(grad.float().cpu().view(x.shape[0], samples, *x.shape[1:]).mean(dim=1))
+    return torch.cat(out) if out else torch.empty(images.shape)
+
+
+# -- integrated gradients ---------------------------------------------------
+def ig_weights(steps: int, method: IGMethod = "riemann_trapezoid") -> tuple[torch.Tensor, torch.Tensor]:
+    """(alphas, weights) of the path integral int_0^1 g(a) da ~ sum_k w_k g(a_k).
+
+    riemann_trapezoid: a_k = k / (n - 1), w = 1 / (n - 1) with both ends halved
+        (sum w = 1; Captum uses 1 / n here, so its weights sum to (n - 1) / n).
+    riemann_left / right / middle: w = 1 / n at a_k = k / n, (k + 1) / n, (k + 1/2) / n.
+    gausslegendre: Gauss-Legendre nodes and weights on [-1, 1] mapped to [0, 1]
+        (a = (1 + x) / 2, w = w_GL / 2), as Captum's default.
+    """
+    n = int(steps)
+    if method == "gausslegendre":
+        if n < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        nodes, w = np.polynomial.legendre.leggauss(n)
+        return torch.tensor(0.5 * (1 + nodes), dtype=torch.float64), torch.tensor(0.5 * w, dtype=torch.float64)
+    if method not in IG_METHODS:
+        raise ValueError(f"unknown integration method {method!r}; expected one of {', '.join(IG_METHODS)}")
+    if n < 2:
+        raise ValueError(f"steps must be >= 2 for {method}, got {steps}")
+    k = torch.arange(n, dtype=torch.float64)
+    if method == "riemann_trapezoid":
+        w = torch.full((n,), 1.0 / (n - 1), dtype=torch.float64)
+        w[0] = w[-1] = 0.5 / (n - 1)
+        return k / (n - 1), w
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    shift = {"riemann_left": 0.0, "riemann_right": 1.0, "riemann_middle": 0.5}[method]
+    return (k + shift) / n, w
+
+
+def _baseline_like(images: torch.Tensor, baseline: float | torch.Tensor | None) -> torch.Tensor:
+    """The baseline broadcast to N x C x H x W (float32, CPU): zeros, a constant, or a tensor."""
+    x = images.detach().float().cpu()
+    if baseline is None:
+        return torch.zeros_like(x)
+    if isinstance(baseline, (int, float)):
+        return torch.full_like(x, float(baseline))
+    b = torch.as_tensor(baseline).detach().float().cpu()
+    try:
+        return b.expand_as(x).clone()
+    except RuntimeError as exc:
+        raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to images {tuple(x.shape)}") from exc
+
+
+def integrated_gradients(
+    subject,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    baseline: float | torch.Tensor | None = None,
+    steps: int = 64,
+    method: IGMethod = "riemann_trapezoid",
+) -> torch.Tensor:
+    """Integrated gradients: (x - b) * sum_k w_k d f_t / d x at b + a_k (x - b); N x C x H x W on the CPU.
+
+    Completeness: sum(attr) ~ f_t(x) - f_t(b). The N * steps interpolated
+    images are built lazily, image-major, and sent through the model in
+    chunks of subject.batch_size rows (a chunk may mix images and steps).
+    Near a constant baseline, ties in max-pooling make single pixels depend on
+    float rounding (and so on the batch composition); the sums do not.
+    """
+    targets = _check(subject, images, targets)
+    x = images.detach().float().cpu()
+    b = _baseline_like(images, baseline)
+    alphas, weights = ig_weights(steps, method)
+    n, s = x.shape[0], alphas.shape[0]
+    alphas, weights = alphas.float(), weights.float()
+    total = torch.zeros_like(x)  # sum_k w_k grad_k per image
+    size = max(1, int(subject.batch_size))
+    for start in range(0, n * s, size):
+        rows = torch.arange(start, min(start + size, n * s))
+        img, step = rows // s, rows % s
+        a = alphas[step].view(-1, 1, 1, 1)
+        path = b[img] + a * (x[img] - b[img])
+        grad, _ = _target_grad(subject, path, targets[img])
+        total.index_add_(0, img, weights[step].view(-1, 1, 1, 1) * grad.float().cpu())
+    return (x - b) * total
+
+
+# -- modified ReLU backward -------------------------------------------------
+class _GuidedReLU(torch.autograd.Function):
+    """relu(x) forward; backward g_in = [x > 0] * relu(g_out)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return (out > 0).to(grad_out.dtype) * grad_out.clamp(min=0)
+
+
+class _DeconvReLU(torch.autograd.Function):
+    """relu(x) forward; backward g_in = relu(g_out) (ignores the sign of x)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad_out.clamp(min=0)
+
+
+_RULES = {"guided": _GuidedReLU, "deconvnet": _DeconvReLU}
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def relu_backward_override(module: nn.Module, rule: Literal["guided", "deconvnet"]) -> Iterator[int]:
+    """Inside the block every nn.ReLU in `module` computes relu(x) through a custom autograd Function.
+
+    Done by setting `forward` on each ReLU instance (no hooks, so in-place
+    ReLUs work: the replacement returns a new tensor instead of writing into
+    x). On exit - even after an exception - each instance's own `forward`
+    attribute is deleted again (or the one it had put back), so the model
+    is exactly as before. Yields the number of ReLUs patched. Functional
+    relu calls (torch.relu, F.relu) are not affected.
+    """
+    fn = _RULES[rule]
+    saved: list[tuple[nn.Module, object]] = []
+    try:
+        for sub in module.modules():
+            if isinstance(sub, nn.ReLU):
+                saved.append((sub, sub.__dict__.get("forward", _MISSING)))
+                sub.forward = fn.apply  # instance attribute shadows ReLU.forward
+        yield len(saved)
+    finally:
+        for sub, old in reversed(saved):
+            if old is _MISSING:
+                sub.__dict__.pop("forward", None)
+            else:
+                sub.forward = old
+
+
+def guided_backprop(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Guided backprop: d f_t / d x with every ReLU's backward g_in = [x > 0] * relu(g_out); N x C x H x W."""
+    with relu_backward_override(subject.module, "guided"):
+        return _chunked_grad(subject, images, targets)
+
+
+def deconvnet(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Deconvnet: d f_t / d x with every ReLU's backward g_in = relu(g_out); N x C x H x W."""
+    with relu_backward_override(subject.module, "deconvnet"):
+        return _chunked_grad(subject, images, targets)
