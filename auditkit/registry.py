@@ -100,10 +100,11 @@ DATASETS = Registry("dataset", "auditkit.datasets", {
 })
 CHECKS = Registry("check", "auditkit.checks", {
     "occlusion-drop": "auditkit.checks.occlusion:OcclusionDrop",
+    "saliency-in-box": "auditkit.checks.saliency:SaliencyInBox",
 })
 
 # The suite that runs when the configuration declares no checks.
-DEFAULT_SUITE: tuple[dict[str, Any], ...] = ({"kind": "occlusion-drop"},)
+DEFAULT_SUITE: tuple[dict[str, Any], ...] = ({"kind": "occlusion-drop"}, {"kind": "saliency-in-box"})
 
 
 def register_model(name: str, factory: Callable[[], Any] | None = None) -> Any:
