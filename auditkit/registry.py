@@ -101,6 +101,7 @@ DATASETS = Registry("dataset", "auditkit.datasets", {
 CHECKS = Registry("check", "auditkit.checks", {
     "occlusion-drop": "auditkit.checks.occlusion:OcclusionDrop",
     "saliency-in-box": "auditkit.checks.saliency:SaliencyInBox",
+    "saliency-sanity": "auditkit.checks.sanity:SaliencySanity",
 })
 
 # The suite that runs when the configuration declares no checks.

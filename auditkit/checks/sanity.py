@@ -1,0 +1,149 @@
+"""Check `saliency-sanity`: the saliency map depends on the model's weights (Adebayo et al. 2018)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from auditkit import evidence as ev
+from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.saliency import Method
+from auditkit.methods import randomisation as rnd
+from auditkit.methods import saliency as sal
+from auditkit.subject import Subject
+
+_MAX_COLUMNS = 8  # map columns in the evidence grid: the original and at most 7 cascade steps
+
+
+@dataclass
+class SaliencySanity(Check):
+    """Cascading model-parameter randomisation: re-initialise the layers of a copy of the model from
+    the output layer down, one at a time and cumulatively, and after each step compare the saliency
+    map with the trained model's by Spearman rank correlation (mean over the first `samples` audit
+    samples). An explanation of the model must change once the model is random: the check passes
+    when the correlation after randomising all layers is <= max_similarity. The user's module is
+    never changed (the randomisation runs on a deep copy).
+    """
+
+    kind = "saliency-sanity"
+    title = "Saliency depends on the model's weights"
+    description = (
+        "rho_k = mean over samples of Spearman(|map of the trained model|, |map after re-initialising the "
+        "top k parameter layers|) (Adebayo et al. 2018, cascading randomisation). The check passes when "
+        "rho after randomising all layers is <= max_similarity. Samples whose map is constant (no ranking) "
+        "are left out of the mean and counted."
+    )
+
+    method: Method = "grad_cam"
+    layer: str = ""
+    max_similarity: float = 0.5
+    samples: int = 16
+    absolute: bool = True
+    evidence_samples: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not -1.0 <= self.max_similarity <= 1.0:
+            raise CheckConfigError(f"check {self.name!r}: max_similarity must be in [-1, 1], got {self.max_similarity}")
+        if self.samples < 1:
+            raise CheckConfigError(f"check {self.name!r}: samples must be >= 1, got {self.samples}")
+        if self.evidence_samples < 0:
+            raise CheckConfigError(f"check {self.name!r}: evidence_samples must be >= 0, got {self.evidence_samples}")
+        if self.layer and self.method != "grad_cam":
+            raise CheckConfigError(f"check {self.name!r}: layer applies to method 'grad_cam' only, not {self.method!r}")
+
+    def _maps(self, subject, images, labels, layer) -> torch.Tensor:
+        maps = sal.saliency_map(subject, images, labels, self.method, layer=layer).float()
+        return maps.abs() if self.absolute else maps
+
+    def run(self, subject, audit_set) -> CheckResult:
+        n = min(self.samples, len(audit_set))
+        if n == 0:
+            return self.error_result(f"audit set {audit_set.name!r} is empty")
+        images = torch.stack([audit_set[i].image for i in range(n)])
+        labels = torch.tensor([audit_set[i].label for i in range(n)])
+        # Grad-CAM's layer is resolved once, by name, so every copy uses the same one.
+        layer = None
+        if self.method == "grad_cam":
+            layer = self.layer or (subject.layers[-1] if subject.layers else None)
+            if layer is None:
+                return self.error_result(f"model {subject.name!r} has no layers; give the check a layer for grad_cam")
+
+        original = self._maps(subject, images, labels, layer)
+        flat = original.flatten(1)
+        usable = flat.amax(1) > flat.amin(1)
+        if not bool(usable.any()):
+            return self.error_result(
+                f"{self.method}: the trained model's maps are constant for all {n} samples; nothing to compare"
+            )
+        dropped = int((~usable).sum())
+
+        rows, step_maps = [], []
+        for name, copy in rnd.cascade(subject.module, seed=self.seed):
+            with Subject(replace(subject.spec, module=copy), device=subject.device,
+                         batch_size=subject.batch_size) as randomised:
+                maps = self._maps(randomised, images, labels, layer)
+            rho = rnd.spearman_rows(original, maps)[usable]
+            defined = rho[~torch.isnan(rho)]
+            mean = float(defined.mean()) if defined.numel() else math.nan
+            std = float(defined.std(unbiased=False)) if defined.numel() else math.nan
+            rows.append({"step": len(rows) + 1, "randomised_down_to": name or "<root>", "spearman": mean,
+                         "std": std, "constant_maps": int(rho.numel() - defined.numel())})
+            step_maps.append(maps)
+        if not rows:
+            return self.error_result(f"model {subject.name!r} has no parameters to randomise")
+
+        last = rows[-1]
+        notes = []
+        if dropped:
+            notes.append(f"{dropped} of {n} samples left out: the trained model's map is constant")
+        constant_steps = [r for r in rows if r["constant_maps"]]
+        if constant_steps:
+            notes.append(f"the randomised map is constant (Spearman undefined, left out) for some samples at "
+                         f"{len(constant_steps)} of {len(rows)} steps, {last['constant_maps']} at the last")
+        if math.isnan(last["spearman"]):
+            notes.append("after randomising all layers every map is constant, so no correlation is defined")
+        message = (f"{self.method}: Spearman with the trained model's map falls from {rows[0]['spearman']:.2f} "
+                   f"(top layer {rows[0]['randomised_down_to']} random) to {last['spearman']:.2f} "
+                   f"(all {len(rows)} parameter layers random), over {int(usable.sum())} samples")
+        if notes:
+            message += "; " + "; ".join(notes)
+        result = self.result(
+            metric="Spearman after randomising all layers", value=last["spearman"], threshold=self.max_similarity,
+            direction="<=", rows=rows, columns=list(rows[0]), message=message,
+            details={"method": self.method, "layer": layer, "absolute": self.absolute, "samples": n,
+                     "samples_used": int(usable.sum()), "curve": [r["spearman"] for r in rows]},
+        )
+        result.evidence = self._evidence(audit_set, images, original, step_maps, rows)
+        return result
+
+    def _evidence(self, audit_set, images, original, step_maps, rows):
+        if self.evidence_samples == 0:
+            return []
+        steps = list(range(len(step_maps)))
+        if len(steps) > _MAX_COLUMNS - 1:  # keep the first and last step, evenly spaced in between
+            k = _MAX_COLUMNS - 1
+            steps = sorted({round(i * (len(steps) - 1) / (k - 1)) for i in range(k)})
+        scale = max(1, 128 // images.shape[-1])
+        grid_rows, titles, labels = [], [], []
+        for j in range(min(self.evidence_samples, images.shape[0])):
+            panels = [ev.upscale(ev.overlay(images[j], original[j]), scale)]
+            panels += [ev.upscale(ev.overlay(images[j], step_maps[s][j]), scale) for s in steps]
+            grid_rows.append(panels)
+            titles.append(["trained"] + [f"to {rows[s]['randomised_down_to']}" for s in steps])
+            labels.append(str(audit_set[j].id or j))
+        grid = ev.panel_grid(grid_rows, titles=titles, row_labels=labels, scale=1)
+        caption = (f"{self.method} map of the trained model, then after re-initialising the layers from the "
+                   f"output down to the named one (cumulative). A sane method's map changes.")
+        xs = [float(r["step"]) for r in rows]
+        chart = ev.line_chart_svg(
+            {"spearman": (xs, [r["spearman"] for r in rows]),
+             "max_similarity": (xs, [self.max_similarity] * len(xs))},
+            title=f"Cascading randomisation ({self.method})", x_label="layers randomised (top down)",
+            y_label="Spearman rho",
+        )
+        chart_caption = "Mean Spearman correlation with the trained model's map, per cascade step: " + ", ".join(
+            f"{r['step']}={r['randomised_down_to']}" for r in rows)
+        return [ev.png_evidence(f"Saliency under randomisation ({self.method})", grid, caption),
+                ev.svg_evidence(f"Randomisation curve ({self.method})", chart, chart_caption)]
