@@ -102,10 +102,16 @@ CHECKS = Registry("check", "auditkit.checks", {
     "occlusion-drop": "auditkit.checks.occlusion:OcclusionDrop",
     "saliency-in-box": "auditkit.checks.saliency:SaliencyInBox",
     "saliency-sanity": "auditkit.checks.sanity:SaliencySanity",
+    "deletion-insertion": "auditkit.checks.deletion:DeletionInsertion",
 })
 
 # The suite that runs when the configuration declares no checks.
-DEFAULT_SUITE: tuple[dict[str, Any], ...] = ({"kind": "occlusion-drop"}, {"kind": "saliency-in-box"})
+DEFAULT_SUITE: tuple[dict[str, Any], ...] = (
+    {"kind": "occlusion-drop"},
+    {"kind": "saliency-in-box"},
+    {"kind": "saliency-sanity"},
+    {"kind": "deletion-insertion"},
+)
 
 
 def register_model(name: str, factory: Callable[[], Any] | None = None) -> Any:
