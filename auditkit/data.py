@@ -229,6 +229,11 @@ class AuditSet:
         self._check_one_shape("box_masks()")
         return torch.stack([s.box_mask() for s in self.samples])
 
+    def with_boxes(self) -> tuple[list[int], "AuditSet | None"]:
+        """Indices of the samples that have at least one box, and the set of those (None when there are none)."""
+        indices = [i for i, sample in enumerate(self.samples) if sample.boxes]
+        return indices, (self.subset(indices) if indices else None)
+
     def subset(self, indices: Sequence[int]) -> "AuditSet":
         return replace(self, samples=[self.samples[i] for i in indices])
 

@@ -10,10 +10,11 @@ than 10% slower. Run by hand; not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
+
+from timing import best_of
 
 from auditkit.methods import cam, gradients
 from auditkit.spec import ModelSpec
@@ -61,15 +62,6 @@ def our_methods(subject: Subject, layer: str):
         "deconvnet": lambda x, t: gradients.deconvnet(subject, x, t),
         "grad_cam": lambda x, t: cam.grad_cam(subject, x, t, layer=layer, upsample=False),
     }
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def bench(name: str, spec: ModelSpec, images: torch.Tensor, repeats: int) -> None:

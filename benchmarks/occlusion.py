@@ -10,22 +10,14 @@ forward passes. Run by hand; not part of the test suite.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from timing import best_of
 
 from auditkit.methods.occlusion import occlusion_map, window_starts
 from auditkit.registry import DATASETS, MODELS
 from auditkit.subject import Subject
-
-
-def best_of(repeats: int, fn) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

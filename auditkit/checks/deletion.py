@@ -61,8 +61,8 @@ class DeletionInsertion(Check):
 
     def run(self, subject, audit_set) -> CheckResult:
         chosen = self._chosen(len(audit_set))
-        images = torch.stack([audit_set[i].image for i in chosen])
-        labels = torch.tensor([audit_set[i].label for i in chosen], dtype=torch.long)
+        chosen_set = audit_set.subset(chosen)
+        images, labels = chosen_set.images(), chosen_set.labels()
         n, _, h, w = images.shape
 
         maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None)

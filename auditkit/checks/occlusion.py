@@ -60,13 +60,11 @@ class OcclusionDrop(Check):
         return patch, self.stride or max(1, patch // 3)
 
     def run(self, subject, audit_set) -> CheckResult:
-        usable = [i for i, s in enumerate(audit_set) if s.boxes]
-        if not usable:
+        usable, boxed = audit_set.with_boxes()
+        if boxed is None:
             return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")
-        images = torch.stack([audit_set[i].image for i in usable])
-        labels = torch.tensor([audit_set[i].label for i in usable])
+        images, labels, object_masks = boxed.images(), boxed.labels(), boxed.box_masks()
         n, _, h, w = images.shape
-        object_masks = torch.stack([audit_set[i].box_mask() for i in usable])
         base = occ.baseline_images(images, self.baseline)
 
         probs = subject.probabilities(images)

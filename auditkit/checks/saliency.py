@@ -50,13 +50,11 @@ class SaliencyInBox(Check):
             raise CheckConfigError(f"check {self.name!r}: layer applies to method 'grad_cam' only, not {self.method!r}")
 
     def run(self, subject, audit_set) -> CheckResult:
-        usable = [i for i, s in enumerate(audit_set) if s.boxes]
-        if not usable:
+        usable, boxed = audit_set.with_boxes()
+        if boxed is None:
             return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")
-        images = torch.stack([audit_set[i].image for i in usable])
-        labels = torch.tensor([audit_set[i].label for i in usable])
-        inside = torch.stack([audit_set[i].box_mask() for i in usable])
-        boxes = [audit_set[i].boxes for i in usable]
+        images, labels, inside = boxed.images(), boxed.labels(), boxed.box_masks()
+        boxes = [sample.boxes for sample in boxed]
         n, _, h, w = images.shape
 
         maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None)

@@ -61,8 +61,8 @@ class SaliencySanity(Check):
         n = min(self.samples, len(audit_set))
         if n == 0:
             return self.error_result(f"audit set {audit_set.name!r} is empty")
-        images = torch.stack([audit_set[i].image for i in range(n)])
-        labels = torch.tensor([audit_set[i].label for i in range(n)])
+        first = audit_set.subset(range(n))
+        images, labels = first.images(), first.labels()
         # Grad-CAM's layer is resolved once, by name, so every copy uses the same one.
         layer = None
         if self.method == "grad_cam":
