@@ -106,10 +106,10 @@ class SaliencyInBox(Check):
             heat = ev.draw_boxes(ev.upscale(ev.overlay(images[j], maps[j]), scale), scaled, width=2)
             rows.append([ev.draw_boxes(ev.upscale(images[j], scale), scaled, width=2),
                          ev.mark_point(heat, ((x + 0.5) * scale, (y + 0.5) * scale))])
-            titles.append(["image and box", f"{self.method}, maximum marked"])
-            verdict = "pass" if passed[j] else "FAIL"
-            labels.append(f"{audit_set[usable[j]].id} energy {float(ours['energy'][j]):.2f} "
-                          f"lift {float(ours['lift'][j]):.1f} {verdict}")
+            titles.append(["image and box",
+                           f"energy {float(ours['energy'][j]):.2f}, lift {float(ours['lift'][j]):.1f}"])
+            labels.append(f"{audit_set[usable[j]].id} {'pass' if passed[j] else 'FAIL'}")
         grid = ev.panel_grid(rows, titles=titles, row_labels=labels, scale=1)
-        caption = f"{self.method} map over the image; green: object box; ring: the map's maximum. Failing samples first."
+        caption = (f"{self.method} map over the image, with each sample's energy in the box and lift; "
+                   "green: object box; ring: the map's maximum. Failing samples first.")
         return [ev.png_evidence(f"Saliency ({self.method})", grid, caption)]
