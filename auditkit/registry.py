@@ -103,6 +103,8 @@ CHECKS = Registry("check", "auditkit.checks", {
     "saliency-in-box": "auditkit.checks.saliency:SaliencyInBox",
     "saliency-sanity": "auditkit.checks.sanity:SaliencySanity",
     "deletion-insertion": "auditkit.checks.deletion:DeletionInsertion",
+    "invariance-grows-with-depth": "auditkit.checks.representation:InvarianceGrowsWithDepth",
+    "dead-units": "auditkit.checks.representation:DeadUnits",
 })
 
 # The suite that runs when the configuration declares no checks.
@@ -115,6 +117,9 @@ DEFAULT_SUITE: tuple[dict[str, Any], ...] = (
      "min_energy": 0.3, "min_lift": 1.5, "min_pass_rate": 0.6},
     {"kind": "saliency-sanity"},
     {"kind": "deletion-insertion"},
+    {"kind": "invariance-grows-with-depth"},
+    {"kind": "invariance-grows-with-depth", "name": "invariance-scale", "transform": "scale"},
+    {"kind": "dead-units"},
 )
 
 

@@ -1,0 +1,225 @@
+"""Layer features and the pixel-space transforms used to probe them.
+
+- ``layer_features``: the outputs of named layers for a batch of images,
+  computed in chunks of ``subject.batch_size`` under ``torch.no_grad()``,
+  moved to the CPU chunk by chunk; the hooks are always removed.
+- ``translate`` / ``scale`` / ``rotate``: batched N x C x H x W transforms in
+  pixel space; the border is filled by reflection and the output keeps the
+  input size.
+- ``invariance``: how little a layer's features move under a transform,
+  relative to how far apart different images are.
+- ``dead_units``: channels whose output is never positive on the images.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from auditkit.subject import AuditModelError
+
+Transform = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+# -- features -----------------------------------------------------------------
+
+
+def _feature_chunks(subject, images: torch.Tensor, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """For each chunk of at most subject.batch_size images: layer -> output of that chunk, on the CPU."""
+    layers = list(layers)
+    n = images.shape[0]
+    size = max(1, int(subject.batch_size))
+    for start in range(0, n, size):
+        chunk = images[start : start + size]
+        with torch.no_grad(), subject.capture(layers) as acts:
+            subject.forward(chunk)
+            missing = [name for name in layers if name not in acts]
+            if missing:
+                raise AuditModelError(
+                    f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
+                    f"in the forward pass"
+                )
+            out = {name: acts[name].float().cpu() for name in layers}
+            acts.clear()
+        yield out
+
+
+def layer_features(subject, images: torch.Tensor, layers: Sequence[str], *, flatten: bool = True) -> dict[str, torch.Tensor]:
+    """Outputs of `layers` for all `images` (pixels in [0, 1]), layer -> N x ... float tensor on the CPU.
+
+    With flatten=True each layer's output is N x D (D = product of the other
+    dimensions). Images are fed in chunks of subject.batch_size; only the
+    captured outputs are kept, and the forward hooks are removed even when
+    the forward raises.
+    """
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    for chunk in _feature_chunks(subject, images, layers):
+        for name, value in chunk.items():
+            parts[name].append(value.flatten(1) if flatten else value)
+    return {name: torch.cat(values) if values else torch.empty(0) for name, values in parts.items()}
+
+
+# -- transforms ---------------------------------------------------------------
+
+
+def _shift_axis(images: torch.Tensor, d: int, axis: int) -> torch.Tensor:
+    """Move the content by d pixels along the last (axis=-1) or second-to-last (axis=-2) dimension."""
+    if d == 0:
+        return images
+    size = images.shape[axis]
+    if abs(d) >= size:
+        raise ValueError(f"translate: a shift of {d} px needs |shift| < {size} (the image size along that axis)")
+    if axis == -1:
+        pad = (d, 0, 0, 0) if d > 0 else (0, -d, 0, 0)
+    else:
+        pad = (0, 0, d, 0) if d > 0 else (0, 0, 0, -d)
+    padded = F.pad(images, pad, mode="reflect")
+    if d > 0:
+        return padded[..., :size] if axis == -1 else padded[..., :size, :]
+    return padded[..., -d:] if axis == -1 else padded[..., -d:, :]
+
+
+def translate(images: torch.Tensor, dx: float, dy: float = 0) -> torch.Tensor:
+    """Shift N x C x H x W images by dx pixels right and dy pixels down (rounded to whole pixels).
+
+    out[..., y, x] = in[..., y - dy, x - dx]; the uncovered border is filled by
+    reflection about the edge pixel (F.pad mode "reflect": in[-k] = in[k]),
+    so |dx| < W and |dy| < H are required. A shift of 0 returns a copy.
+    """
+    dx_i, dy_i = int(round(dx)), int(round(dy))
+    out = _shift_axis(_shift_axis(images, dx_i, -1), dy_i, -2)
+    return out.clone() if out is images else out
+
+
+def _affine(images: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample images at theta @ (u, v, 1) (normalised output coords), bilinear, reflection padding.
+
+    align_corners=False: -1 and 1 are the outer edges of the border pixels, so
+    the centre is the image centre and a 90 degree turn of a square image maps
+    pixel centres onto pixel centres.
+    """
+    n = images.shape[0]
+    theta = theta.to(images.device, torch.float32).unsqueeze(0).expand(n, 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def scale(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """Zoom N x C x H x W images by `factor` about the centre (> 1 enlarges), same output size.
+
+    Bilinear sampling; the border that a factor < 1 uncovers is filled by
+    reflection. factor 1 returns a copy.
+    """
+    if not factor > 0:
+        raise ValueError(f"scale: factor must be > 0, got {factor}")
+    if factor == 1:
+        return images.clone()
+    inv = 1.0 / float(factor)
+    theta = torch.tensor([[inv, 0.0, 0.0], [0.0, inv, 0.0]], dtype=torch.float64)
+    return _affine(images, theta)
+
+
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate N x C x H x W images by `degrees` counter-clockwise as displayed (rows downwards), about the centre.
+
+    Positive angles turn the same way as torch.rot90(x, 1, dims=(-2, -1)).
+    Bilinear sampling with align_corners=False; corners that leave the image
+    are filled by reflection. 0 degrees returns a copy.
+    """
+    if degrees == 0:
+        return images.clone()
+    h, w = images.shape[-2:]
+    rad = math.radians(float(degrees))
+    c, s = math.cos(rad), math.sin(rad)
+    # output pixel (x, y) (centred, y down) samples input (c x - s y, s x + c y); in normalised coords
+    theta = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=torch.float64)
+    return _affine(images, theta)
+
+
+TRANSFORMS: dict[str, Transform] = {
+    "translate": lambda images, m: translate(images, m, 0),
+    "scale": scale,
+    "rotate": rotate,
+}
+
+
+def _resolve(transform: str | Transform) -> Transform:
+    if callable(transform):
+        return transform
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; expected one of {', '.join(TRANSFORMS)} or a callable")
+    return TRANSFORMS[transform]
+
+
+# -- invariance ---------------------------------------------------------------
+
+
+def invariance_from_features(base: torch.Tensor, moved: torch.Tensor) -> float:
+    """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features."""
+    base, moved = base.double().flatten(1), moved.double().flatten(1)
+    n = base.shape[0]
+    if n < 2:
+        raise ValueError(f"invariance needs at least 2 images, got {n}")
+    num = (base - moved).norm(dim=1).mean()
+    pair = torch.cdist(base, base)
+    off = ~torch.eye(n, dtype=torch.bool)
+    den = pair[off].mean()
+    if num == 0:
+        return 1.0
+    return float(1.0 - num / den)
+
+
+def invariance(
+    subject,
+    images: torch.Tensor,
+    layers: Sequence[str],
+    transform: str | Transform,
+    magnitude: float,
+    *,
+    base: dict[str, torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Invariance of each layer's features to `transform` at `magnitude`, layer -> float.
+
+        invariance_l(T) = 1 - mean_i d(f_l(x_i), f_l(T x_i)) / mean_{i != j} d(f_l(x_i), f_l(x_j))
+
+    with f_l the flattened output of layer l, d the Euclidean distance and the
+    denominator the mean over all ordered pairs of different images (the
+    diagonal of the pairwise distance matrix is excluded). 1 means the
+    transform does not move the features at all; 0 means it moves them as far
+    as a different image would; it can be negative.
+
+    `transform` is "translate" (magnitude = horizontal shift in pixels),
+    "scale" (magnitude = zoom factor), "rotate" (magnitude = degrees) or a
+    callable (images, magnitude) -> images. `base` may hold the features of
+    the untransformed images (layer_features(..., flatten=True)) to reuse them.
+    """
+    fn = _resolve(transform)
+    if base is None:
+        base = layer_features(subject, images, layers)
+    moved = layer_features(subject, fn(images, magnitude), layers)
+    return {name: invariance_from_features(base[name], moved[name]) for name in layers}
+
+
+# -- dead units ---------------------------------------------------------------
+
+
+def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """layer -> C bool tensor: channel c is dead when its output is <= 0 for every image and position.
+
+    The channel is dimension 1 of the layer's output (N x C x ... ; for an
+    N x C output each column is a channel). The maximum is kept as a running
+    maximum over the chunks, so no features are stored.
+    """
+    peak: dict[str, torch.Tensor] = {}
+    for chunk in _feature_chunks(subject, images, layers):
+        for name, value in chunk.items():
+            if value.ndim < 2:
+                raise AuditModelError(
+                    f"model {subject.name!r}: layer {name!r} output has shape {tuple(value.shape)}; "
+                    "dead_units needs N x C (x ...)"
+                )
+            m = value.transpose(0, 1).flatten(1).amax(dim=1)
+            peak[name] = m if name not in peak else torch.maximum(peak[name], m)
+    return {name: peak[name] <= 0 for name in layers}

@@ -1,0 +1,201 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from auditkit import ModelSpec
+from auditkit.checks.base import Status
+from auditkit.checks.representation import DeadUnits, InvarianceGrowsWithDepth
+from auditkit.demo import demo_model, shapes_dataset
+from auditkit.methods import features as fe
+from auditkit.subject import Subject, _hook_keys
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+class Net(nn.Module):
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.boom = Boom() if fail else nn.Identity()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.boom(self.act(self.conv(x))).mean(dim=(2, 3)))
+
+
+class Ident(nn.Module):
+    """The 'model' whose layer `feat` outputs the input itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Identity()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.feat(x).mean(dim=(2, 3)))
+
+
+def _spec(module, size=8, layers=("conv",)):
+    return ModelSpec(module=module, class_names=["a", "b"], input_size=(size, size), layers=list(layers), name="toy")
+
+
+def _images(n=6, size=8, seed=1):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# -- layer_features -----------------------------------------------------------
+
+
+def test_hooks_removed_even_when_forward_raises():
+    module = Net(fail=True)
+    state = copy.deepcopy(module.state_dict())
+    hooks = _hook_keys(module)
+    with Subject(_spec(module), device="cpu", batch_size=2) as subject:
+        with pytest.raises(RuntimeError, match="boom"):
+            fe.layer_features(subject, _images(), ["conv", "act"])
+        assert _hook_keys(module) == hooks
+        assert all(not m._forward_hooks for m in module.modules())
+    assert all(torch.equal(state[k], v) for k, v in module.state_dict().items())
+
+
+def test_layer_features_independent_of_batch_size():
+    module, images = Net(), _images(n=7)
+    with Subject(_spec(module), device="cpu", batch_size=1) as subject:
+        one = fe.layer_features(subject, images, ["conv", "act"])
+    with Subject(_spec(module), device="cpu", batch_size=64) as subject:
+        many = fe.layer_features(subject, images, ["conv", "act"], flatten=True)
+        unflat = fe.layer_features(subject, images, ["conv"], flatten=False)
+    assert one["conv"].shape == (7, 4 * 8 * 8) and unflat["conv"].shape == (7, 4, 8, 8)
+    for name in ("conv", "act"):
+        torch.testing.assert_close(one[name], many[name], rtol=1e-5, atol=1e-6)
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+# -- transforms ---------------------------------------------------------------
+
+
+def test_translate_zero_is_identity_and_round_trip_away_from_borders():
+    x = _images(n=2, size=12)
+    assert torch.equal(fe.translate(x, 0, 0), x)
+    for dx, dy in ((3, 0), (0, -2), (2, 3)):
+        back = fe.translate(fe.translate(x, dx, dy), -dx, -dy)
+        mx, my = abs(dx), abs(dy)
+        torch.testing.assert_close(back[..., my : 12 - my, mx : 12 - mx], x[..., my : 12 - my, mx : 12 - mx])
+
+
+def test_translate_reflection_fill_closed_form():
+    row = torch.arange(5.0).view(1, 1, 1, 5)
+    assert fe.translate(row, 2, 0).flatten().tolist() == [2, 1, 0, 1, 2]  # out[x] = in[|x - 2|]
+    assert fe.translate(row, -2, 0).flatten().tolist() == [2, 3, 4, 3, 2]  # mirrored about the last pixel
+    col = row.view(1, 1, 5, 1)
+    assert fe.translate(col, 0, 1).flatten().tolist() == [1, 0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        fe.translate(row, 5, 0)
+
+
+def test_scale_one_and_rotate_zero_are_identity():
+    x = _images(n=2, size=10)
+    torch.testing.assert_close(fe.scale(x, 1.0), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fe.rotate(x, 0), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fe.rotate(x, 360), x, atol=1e-5, rtol=0)  # the sampling path itself
+    assert fe.scale(x, 1.3).shape == x.shape and fe.rotate(x, 17).shape == x.shape
+
+
+def test_rotate_90_matches_rot90():
+    # align_corners=False: a 90 degree turn maps pixel centres onto pixel centres
+    x = _images(n=2, size=9)
+    torch.testing.assert_close(fe.rotate(x, 90), torch.rot90(x, 1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(fe.rotate(x, -90), torch.rot90(x, -1, dims=(-2, -1)), atol=1e-5, rtol=0)
+
+
+def test_scale_enlarges_about_the_centre():
+    x = torch.zeros(1, 1, 9, 9)
+    x[..., 4, 4] = 1.0
+    y = fe.scale(x, 2.0)
+    assert int(y.flatten().argmax()) == 4 * 9 + 4  # the centre stays put
+
+
+# -- invariance ---------------------------------------------------------------
+
+
+def test_invariance_of_identity_is_exactly_one():
+    with Subject(_spec(Net()), device="cpu") as subject:
+        images = _images()
+        for name in ("translate", "rotate"):
+            inv = fe.invariance(subject, images, ["conv", "act"], name, 0)
+            assert inv == {"conv": 1.0, "act": 1.0}
+        assert fe.invariance(subject, images, ["conv"], "scale", 1.0) == {"conv": 1.0}
+
+
+def test_invariance_formula_against_numpy():
+    images = _images(n=5, size=6, seed=4)
+    with Subject(_spec(Ident(), size=6, layers=("feat",)), device="cpu", batch_size=2) as subject:
+        got = fe.invariance(subject, images, ["feat"], "translate", 2)["feat"]
+    a = images.double().numpy().reshape(5, -1)
+    b = fe.translate(images, 2, 0).double().numpy().reshape(5, -1)
+    num = np.mean(np.linalg.norm(a - b, axis=1))
+    pairs = [np.linalg.norm(a[i] - a[j]) for i in range(5) for j in range(5) if i != j]
+    assert got == pytest.approx(1 - num / np.mean(pairs), rel=1e-6)
+
+
+def test_dead_units_flags_the_channel_with_negative_bias():
+    module = Net()
+    with torch.no_grad():
+        module.conv.bias[2] = -100.0
+    with Subject(_spec(module), device="cpu", batch_size=4) as subject:
+        dead = fe.dead_units(subject, _images(n=9), ["conv", "act"])
+    assert dead["conv"].tolist() == [False, False, True, False]
+    assert dead["act"].tolist() == [False, False, True, False]
+
+
+# -- on the demo model --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    spec = demo_model()
+    data = shapes_dataset().for_model(spec.class_names, spec.input_size)
+    with Subject(spec, device="cpu") as subject:
+        yield subject, data
+
+
+def test_demo_invariance_per_layer(demo):
+    subject, data = demo
+    images = data.subset(list(range(0, len(data), 2))).images()
+    base = fe.layer_features(subject, images, subject.layers)
+    for name, magnitude in (("translate", 4), ("scale", 0.8)):
+        inv = fe.invariance(subject, images, subject.layers, name, magnitude, base=base)
+        print(name, magnitude, {k: round(v, 3) for k, v in inv.items()})
+        assert inv["stage4"] > inv["stage1"]
+
+
+@pytest.mark.parametrize("transform", ["translate", "scale"])
+def test_demo_invariance_check_passes(demo, transform):
+    subject, data = demo
+    result = InvarianceGrowsWithDepth(transform=transform).execute(subject, data)
+    print(result.summary())
+    assert result.status is Status.PASSED, result.summary()
+    assert len(result.rows) == 4 * 3 and result.evidence and result.evidence[0].media_type == "image/svg+xml"
+
+
+def test_demo_invariance_check_fails_on_gain(demo):
+    subject, data = demo
+    result = InvarianceGrowsWithDepth(transform="translate", min_gain=0.99).execute(subject, data)
+    assert result.status is Status.FAILED and "gain" in result.message
+    assert result.value >= 0.8  # the rank condition alone holds
+
+
+def test_demo_dead_units(demo):
+    subject, data = demo
+    result = DeadUnits().execute(subject, data)
+    print(result.summary())
+    assert result.status is Status.PASSED and result.value == 0.0
+    assert [r["channels"] for r in result.rows] == [16, 32, 64, 96]
