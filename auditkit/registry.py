@@ -105,6 +105,7 @@ CHECKS = Registry("check", "auditkit.checks", {
     "deletion-insertion": "auditkit.checks.deletion:DeletionInsertion",
     "invariance-grows-with-depth": "auditkit.checks.representation:InvarianceGrowsWithDepth",
     "dead-units": "auditkit.checks.representation:DeadUnits",
+    "inversion-converges": "auditkit.checks.inversion:InversionConverges",
 })
 
 # The suite that runs when the configuration declares no checks.

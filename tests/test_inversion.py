@@ -1,0 +1,106 @@
+import torch
+from torch import nn
+
+from auditkit import AuditSet, ModelSpec, Sample
+from auditkit.checks.base import Status
+from auditkit.checks.inversion import ZERO_NORM_REASON, InversionConverges
+from auditkit.methods.inversion import invert
+from auditkit.subject import Subject
+
+
+class Probe(nn.Module):
+    """`feat` is the layer under test: identity, times zero, or sqrt(pixel - 0.3) (NaN below 0.3)."""
+
+    def __init__(self, mode: str = "identity"):
+        super().__init__()
+        self.mode = mode
+        self.feat = nn.Identity()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = x * 0.25 + 0.5  # undo normalisation with mean 0.5, std 0.25: the layer sees pixels
+        if self.mode == "zero":
+            x = x * 0
+        elif self.mode == "nan":
+            x = torch.sqrt(x - 0.3)
+        f = self.feat(x)
+        return self.head(torch.nan_to_num(f).mean(dim=(2, 3)))
+
+
+def probe_spec(mode: str = "identity") -> ModelSpec:
+    return ModelSpec(module=Probe(mode), class_names=["a", "b"], input_size=(8, 8), mean=(0.5,) * 3,
+                     std=(0.25,) * 3, layers=["feat"], name=f"probe-{mode}")
+
+
+def smooth_images(n: int = 2, size: int = 8) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    imgs = [torch.stack([0.35 + 0.5 * xs, 0.35 + 0.5 * ys, 0.6 + 0.0 * xs + 0.1 * i]) for i in range(n)]
+    return torch.stack(imgs)
+
+
+def probe_set(n: int = 2) -> AuditSet:
+    return AuditSet([Sample(img, i % 2, (), f"s{i}") for i, img in enumerate(smooth_images(n))], ["a", "b"],
+                    name="probe")
+
+
+def test_identity_layer_is_recovered_and_the_feature_curve_falls():
+    images = smooth_images()
+    with Subject(probe_spec(), device="cpu") as subject:
+        res = invert(subject, images, "feat", steps=150, lr=0.1)
+    rmse = ((res.reconstructions - images) ** 2).flatten(1).mean(1).sqrt()
+    assert (rmse < 0.05).all(), rmse
+    feature = res.curves["feature"]
+    assert feature.shape == (150, 2) and set(res.curves) == {"feature", "alpha", "tv", "total"}
+    assert (feature[-1] < 0.01 * feature[0]).all()
+    assert (res.final_error < 0.1).all() and not res.diverged.any() and res.diverged_step is None
+    assert res.reconstructions.min() >= 0 and res.reconstructions.max() <= 1
+
+
+def test_pixels_stay_valid_with_jitter_and_large_steps():
+    images = smooth_images()
+    with Subject(probe_spec(), device="cpu") as subject:
+        res = invert(subject, images, "feat", steps=20, lr=5.0, jitter=2)
+    assert res.reconstructions.min() >= 0 and res.reconstructions.max() <= 1
+    assert res.reconstructions.shape == images.shape and res.reconstructions.device.type == "cpu"
+
+
+def test_model_is_unchanged_after_inversion():
+    spec = probe_spec()
+    module = spec.module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    with Subject(spec, device="cpu") as subject:
+        invert(subject, smooth_images(), "feat", steps=5)
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == flags
+    assert all(p.grad is None for p in module.parameters())
+    for sub in module.modules():
+        assert not sub._forward_hooks and not sub._forward_pre_hooks and not sub._backward_hooks
+
+
+def test_constant_layer_fails_the_check_with_a_clear_reason():
+    check = InversionConverges(steps=20, samples=2)
+    with Subject(probe_spec("zero"), device="cpu") as subject:
+        result = check.execute(subject, probe_set())
+    assert result.status is Status.FAILED, result.error
+    assert result.rows[0]["reason"] == ZERO_NORM_REASON
+    assert ZERO_NORM_REASON in result.message
+
+
+def test_nan_layer_is_reported_as_diverged():
+    with Subject(probe_spec("nan"), device="cpu") as subject:
+        res = invert(subject, smooth_images(), "feat", steps=20)
+        result = InversionConverges(steps=20, samples=2).execute(subject, probe_set())
+    assert res.diverged.any() and res.diverged_step is not None and res.steps == res.diverged_step + 1
+    assert torch.isnan(res.final_error[res.diverged]).all()
+    assert result.status is Status.FAILED, result.error
+    assert "diverged" in result.rows[0]["reason"]
+
+
+def test_identity_check_passes_and_writes_evidence():
+    with Subject(probe_spec(), device="cpu") as subject:
+        result = InversionConverges(steps=150, samples=2).execute(subject, probe_set())
+    assert result.status is Status.PASSED, result.message
+    row = result.rows[0]
+    assert row["pixel_rmse"] < 0.05 and {"random_final_error", "random_pixel_rmse"} <= set(row)
+    assert len(result.evidence) == 2
