@@ -1,7 +1,6 @@
 """Check `inversion-converges`: each layer's features can be inverted back to an image (Mahendran & Vedaldi 2015)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -11,20 +10,9 @@ import torch
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult
 from auditkit.methods import inversion as inv
+from auditkit.methods.randomisation import random_copy
 
 ZERO_NORM_REASON = "layer output is constant (zero norm)"
-
-
-def random_copy(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """A deep copy of `module` with every submodule's reset_parameters() applied under a fixed seed."""
-    clone = copy.deepcopy(module)
-    devices = [p.device for p in clone.parameters() if p.device.type == "cuda"]
-    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.no_grad():
-        torch.manual_seed(seed)
-        for sub in clone.modules():
-            if callable(getattr(sub, "reset_parameters", None)):
-                sub.reset_parameters()
-    return clone.eval()
 
 
 @dataclass

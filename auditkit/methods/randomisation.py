@@ -74,6 +74,14 @@ def cascade(module: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn.Module]]
         yield name, clone
 
 
+def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
+    """A deep copy of `module` with every parameter layer re-initialised: the cascade's last state, in eval mode."""
+    clone = module
+    for _, clone in cascade(module, seed):
+        pass
+    return (copy.deepcopy(module) if clone is module else clone).eval()
+
+
 def _ranks(x: torch.Tensor) -> torch.Tensor:
     """Ranks 0..D-1 along the last dimension (ties broken by position), float64."""
     return x.argsort(dim=-1, stable=True).argsort(dim=-1, stable=True).to(torch.float64)
