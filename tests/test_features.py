@@ -199,3 +199,24 @@ def test_demo_dead_units(demo):
     print(result.summary())
     assert result.status is Status.PASSED and result.value == 0.0
     assert [r["channels"] for r in result.rows] == [16, 32, 64, 96]
+
+
+def test_invariance_check_draws_figure5_evidence():
+    """Zeiler & Fergus figure 5: feature change (first vs last layer) and p(true class) against magnitude."""
+    import xml.etree.ElementTree as ET
+
+    from auditkit.checks import build_checks
+    from auditkit.demo import demo_model, shapes_dataset
+    from auditkit.subject import Subject
+
+    spec = demo_model()
+    data = shapes_dataset().for_model(spec.class_names, spec.input_size)
+    (check,) = build_checks([{"kind": "invariance-grows-with-depth", "transform": "rotate", "samples": 8}])
+    with Subject(spec, device="cpu") as subject:
+        result = check.execute(subject, data)
+    titles = [e.title for e in result.evidence]
+    assert titles[1:] == ["Feature change under rotate: first vs last layer", "True-class probability under rotate"]
+    for item in result.evidence:
+        ET.fromstring(item.data.decode())  # valid SVG
+    change_svg = result.evidence[1].data.decode()
+    assert "stage1" in change_svg and "stage4" in change_svg

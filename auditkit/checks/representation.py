@@ -77,7 +77,8 @@ class InvarianceGrowsWithDepth(Check):
         chosen = _spread(len(audit_set), self.samples)
         if len(chosen) < 2:
             return self.error_result(f"audit set {audit_set.name!r} has fewer than 2 samples")
-        images = audit_set.subset(chosen).images()
+        subset = audit_set.subset(chosen)
+        images, labels = subset.images(), subset.labels()
         mags = self.used_magnitudes
         unit = _UNIT[self.transform]
 
@@ -121,7 +122,32 @@ class InvarianceGrowsWithDepth(Check):
             f"Invariance to {self.transform} by layer", svg,
             "1 - mean distance to the transformed image / mean distance between images, per layer "
             "(1 = unchanged, 0 = as far as another image); one line per magnitude.")]
+        result.evidence += self._figure5(subject, images, labels, layers, table, unit)
         return result
+
+    def _figure5(self, subject, images, labels, layers, table, unit):
+        """As Zeiler & Fergus figure 5: feature change of the first and last layer, and p(true class),
+        against the transformation's magnitude (the identity included)."""
+        identity = 1.0 if self.transform == "scale" else 0.0
+        sweep = sorted(set(self.used_magnitudes) | {identity})
+        change = {name: [0.0 if m == identity else 1.0 - table[m][name] for m in sweep]
+                  for name in (layers[0], layers[-1])}
+        transform = fe.TRANSFORMS[self.transform]
+        probability = [float(subject.class_probability(transform(images, m), labels).mean()) for m in sweep]
+        x_label = f"{self.transform} magnitude ({unit or 'factor'})"
+        change_svg = ev.line_chart_svg({name: (sweep, values) for name, values in change.items()},
+                                       title=f"Feature change under {self.transform}", x_label=x_label,
+                                       y_label="mean d(f(x), f(Tx)) / mean d(f(x), f(x'))")
+        prob_svg = ev.line_chart_svg({"p(true class)": (sweep, probability)},
+                                     title=f"Class probability under {self.transform}", x_label=x_label,
+                                     y_label="mean p(true class)")
+        return [
+            ev.svg_evidence(f"Feature change under {self.transform}: first vs last layer", change_svg,
+                            "Distance between the features of an image and of its transformed copy, relative to "
+                            "the distance between different images (Zeiler & Fergus figure 5)."),
+            ev.svg_evidence(f"True-class probability under {self.transform}", prob_svg,
+                            "Mean softmax probability of the true class as the transformation grows."),
+        ]
 
 
 @dataclass
