@@ -250,6 +250,15 @@ class Check:
         return CheckResult(check=self.name, kind=self.kind, status=Status.ERROR, message=message, error=error or message)
 
 
+def spread_indices(total: int, samples: int) -> list[int]:
+    """All of range(total) when samples <= 0 or >= total, else `samples` indices spread evenly over it
+    (keeps the class mix of a set sorted by class)."""
+    if samples <= 0 or samples >= total:
+        return list(range(total))
+    step = (total - 1) / max(1, samples - 1)
+    return sorted({int(round(i * step)) for i in range(samples)})
+
+
 def subject_name(subject: Any) -> str:
     spec = getattr(subject, "spec", None)
     return getattr(spec, "name", "") or ""

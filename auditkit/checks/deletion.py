@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
-from auditkit.checks.saliency import Method
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, spread_indices
+from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import deletion as dl
 from auditkit.methods import saliency as sal
 
@@ -50,17 +50,10 @@ class DeletionInsertion(Check):
             raise CheckConfigError(f"check {self.name!r}: random_orders must be >= 1, got {self.random_orders}")
         if not math.isfinite(self.min_margin) or not -1.0 <= self.min_margin <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_margin must be in [-1, 1], got {self.min_margin}")
-        if self.layer and self.method != "grad_cam":
-            raise CheckConfigError(f"check {self.name!r}: layer applies to method 'grad_cam' only, not {self.method!r}")
-
-    def _chosen(self, total: int) -> list[int]:
-        """All samples, or `samples` of them spread evenly over the set (keeps the class mix of a sorted set)."""
-        if self.samples == 0 or self.samples >= total:
-            return list(range(total))
-        return sorted({int(round(v)) for v in torch.linspace(0, total - 1, self.samples).tolist()})
+        validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
-        chosen = self._chosen(len(audit_set))
+        chosen = spread_indices(len(audit_set), self.samples)
         chosen_set = audit_set.subset(chosen)
         images, labels = chosen_set.images(), chosen_set.labels()
         n, _, h, w = images.shape

@@ -9,7 +9,7 @@ import torch
 from scipy.stats import spearmanr
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, spread_indices
 from auditkit.methods import features as fe
 
 DEFAULT_MAGNITUDES: dict[str, tuple[float, ...]] = {
@@ -19,13 +19,6 @@ DEFAULT_MAGNITUDES: dict[str, tuple[float, ...]] = {
 }
 _LISTED = 20  # dead channel indices listed per row
 _UNIT = {"translate": "px", "scale": "x", "rotate": "deg"}
-
-
-def _spread(total: int, samples: int) -> list[int]:
-    """All indices, or `samples` of them spread evenly over range(total)."""
-    if samples <= 0 or samples >= total:
-        return list(range(total))
-    return sorted({int(round(v)) for v in torch.linspace(0, total - 1, samples).tolist()})
 
 
 @dataclass
@@ -74,7 +67,7 @@ class InvarianceGrowsWithDepth(Check):
         layers = list(subject.layers)
         if len(layers) < 2:
             return self.error_result(f"model {subject.name!r} has {len(layers)} layer(s); this check needs at least 2")
-        chosen = _spread(len(audit_set), self.samples)
+        chosen = spread_indices(len(audit_set), self.samples)
         if len(chosen) < 2:
             return self.error_result(f"audit set {audit_set.name!r} has fewer than 2 samples")
         subset = audit_set.subset(chosen)

@@ -14,6 +14,12 @@ Method = Literal["gradient", "input_x_gradient", "smoothgrad", "integrated_gradi
                  "guided_backprop", "deconvnet", "grad_cam"]
 
 
+def validate_method_layer(check: Check) -> None:
+    """A Grad-CAM layer may only be named for method 'grad_cam'."""
+    if check.layer and check.method != "grad_cam":
+        raise CheckConfigError(f"check {check.name!r}: layer applies to method 'grad_cam' only, not {check.method!r}")
+
+
 @dataclass
 class SaliencyInBox(Check):
     """Per sample: energy = positive map inside the boxes / positive map overall; lift = energy /
@@ -46,8 +52,7 @@ class SaliencyInBox(Check):
                 raise CheckConfigError(f"check {self.name!r}: {field_name} must be in [0, 1], got {value}")
         if self.min_lift < 0 or self.tolerance_px < 0 or self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: min_lift, tolerance_px and evidence_samples must be >= 0")
-        if self.layer and self.method != "grad_cam":
-            raise CheckConfigError(f"check {self.name!r}: layer applies to method 'grad_cam' only, not {self.method!r}")
+        validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
         usable, boxed = audit_set.with_boxes()

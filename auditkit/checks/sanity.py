@@ -8,7 +8,7 @@ import torch
 
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult
-from auditkit.checks.saliency import Method
+from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.methods import saliency as sal
 from auditkit.subject import Subject
@@ -50,8 +50,7 @@ class SaliencySanity(Check):
             raise CheckConfigError(f"check {self.name!r}: samples must be >= 1, got {self.samples}")
         if self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: evidence_samples must be >= 0, got {self.evidence_samples}")
-        if self.layer and self.method != "grad_cam":
-            raise CheckConfigError(f"check {self.name!r}: layer applies to method 'grad_cam' only, not {self.method!r}")
+        validate_method_layer(self)
 
     def _maps(self, subject, images, labels, layer) -> torch.Tensor:
         maps = sal.saliency_map(subject, images, labels, self.method, layer=layer).float()
