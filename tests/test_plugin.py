@@ -1,7 +1,6 @@
 """The pytest plugin, end to end through pytester."""
 import json
 import pathlib
-import sys
 import textwrap
 
 import pytest

@@ -3,7 +3,6 @@ import torch
 
 from auditkit import Box
 from auditkit.checks.base import Status
-from auditkit.checks.saliency import SaliencyInBox
 from auditkit.methods import saliency as sal
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status
+from auditkit.checks.base import Check, CheckConfigError, CheckResult
 from auditkit.methods import occlusion as occ
 
 
