@@ -29,8 +29,8 @@ HTML_NAME = "index.html"
 JSON_NAME = "audit.json"
 MAX_ROWS = 1000  # per-sample rows shown in the HTML per result (all of them are in audit.json)
 
-# Failures first, then errors, then passes; stable within a status.
-_ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.PASSED: 2}
+# Failures first, then errors, then passes, then evidence-only results; stable within a status.
+_ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.PASSED: 2, Status.INFO: 3}
 
 # Meta keys shown in the header (in this order); other keys go to the environment list.
 _HEADER_KEYS = ("models", "dataset", "device", "torch_version", "started", "duration_s")
@@ -46,12 +46,12 @@ _ENV_LABELS = {
 
 
 def sort_results(results: Iterable[CheckResult]) -> list[CheckResult]:
-    """Results ordered FAILED, then ERROR, then PASSED, keeping the given order within each status."""
+    """Results ordered FAILED, then ERROR, then PASSED, then INFO, keeping the given order within each status."""
     return sorted(results, key=lambda r: _ORDER.get(Status(r.status), 3))
 
 
 def count_statuses(results: Sequence[CheckResult]) -> dict[str, int]:
-    """{"passed", "failed", "error", "total"} counts of the results."""
+    """{"passed", "failed", "error", "info", "total"} counts of the results."""
     counts = {s.value: 0 for s in Status}
     for r in results:
         counts[Status(r.status).value] += 1

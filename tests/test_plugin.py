@@ -183,3 +183,25 @@ def test_plugin_does_not_import_torch_without_audit_options(pytester):
     result = pytester.runpytest_subprocess("-p", "no:hypothesispytest")
     result.assert_outcomes(passed=1)
     assert result.ret == 0
+
+
+def test_evidence_only_check_passes_the_run_and_is_reported_as_evidence(project):
+    project.makepyfile(custom_checks=textwrap.dedent("""
+        from dataclasses import dataclass
+        import auditkit
+
+        @auditkit.register_check("mean-pixel")
+        @dataclass
+        class MeanPixel(auditkit.Check):
+            def run(self, subject, audit_set):
+                return self.info_result(metric="mean pixel", value=float(audit_set.images().mean()),
+                                        message="shown, not judged")
+    """))
+    project.makepyprojecttoml('[tool.auditkit]\ndataset = "halves"\n[[tool.auditkit.checks]]\nkind = "mean-pixel"\n')
+    project.makeconftest(CONFTEST + "\nimport custom_checks\n")
+    result = project.runpytest("--audit-model", "good")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(["*good: mean-pixel: INFO: mean pixel = *; shown, not judged*", "audit: 1 info*"])
+    data = report_json(project)
+    assert data["results"][0]["status"] == "info" and data["results"][0]["threshold"] is None
+    assert data["meta"]["counts"]["info"] == 1

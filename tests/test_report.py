@@ -70,7 +70,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
     _, json_path = write_report(results, META, tmp_path)
     doc = json.loads(json_path.read_text(encoding="utf-8"))
     assert doc["schema"] == SCHEMA
-    assert doc["meta"]["counts"] == {"passed": 1, "failed": 1, "error": 1, "total": 3}
+    assert doc["meta"]["counts"] == {"passed": 1, "failed": 1, "error": 1, "info": 0, "total": 3}
     meta, back = read_report_json(json_path)
     assert meta["dataset"] == "shapes" and meta["models"] == META["models"]
     by_check = {r.check: r for r in back}
@@ -191,3 +191,14 @@ def test_verdict_sentences() -> None:
     assert verdict(res(Status.PASSED, 0.031, 0.05, "<=")) == "m 0.031 ≤ 0.050 allowed"
     assert verdict(res(Status.FAILED, 0.31, 0.2, "<=")) == "m 0.31 > 0.20 allowed"
     assert verdict(res(Status.FAILED, 0.7999, 0.8, ">=")) == "m 0.7999 < 0.8000 required"
+
+
+def test_evidence_only_results_sort_last_and_show_an_evidence_badge(tmp_path: Path) -> None:
+    info = CheckResult(check="patches", kind="k", status=Status.INFO, message="shown, not judged")
+    failed = CheckResult(check="bad", kind="k", status=Status.FAILED, metric="m", value=0.1, threshold=0.5)
+    assert [r.check for r in sort_results([info, failed])] == ["bad", "patches"]
+    html_path, json_path = write_report([info, failed], {"models": ["m"]}, tmp_path)
+    page = html_path.read_text(encoding="utf-8")
+    assert 'class="badge info"' in page and "1</b> evidence only" in page
+    meta, results = read_report_json(json_path)
+    assert meta["counts"]["info"] == 1 and results[-1].status is Status.INFO

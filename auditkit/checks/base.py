@@ -27,6 +27,7 @@ class Status(str, enum.Enum):
     PASSED = "passed"
     FAILED = "failed"
     ERROR = "error"
+    INFO = "info"  # evidence only: measured and shown, judged against no threshold; never fails a run
 
 
 class CheckConfigError(ValueError):
@@ -245,6 +246,11 @@ class Check:
             check=self.name, kind=self.kind, status=judge(float(value), float(threshold), direction),
             metric=metric, value=float(value), threshold=float(threshold), direction=direction, **kwargs,
         )
+
+    def info_result(self, *, message: str = "", metric: str = "", value: float | None = None, **kwargs: Any) -> CheckResult:
+        """An evidence-only result (Status.INFO): what was measured and shown, with no threshold to judge."""
+        return CheckResult(check=self.name, kind=self.kind, status=Status.INFO, metric=metric,
+                           value=None if value is None else float(value), threshold=None, message=message, **kwargs)
 
     def error_result(self, message: str, error: str | None = None) -> CheckResult:
         return CheckResult(check=self.name, kind=self.kind, status=Status.ERROR, message=message, error=error or message)
