@@ -106,6 +106,11 @@ CHECKS = Registry("check", "auditkit.checks", {
     "invariance-grows-with-depth": "auditkit.checks.representation:InvarianceGrowsWithDepth",
     "dead-units": "auditkit.checks.representation:DeadUnits",
     "inversion-converges": "auditkit.checks.inversion:InversionConverges",
+    "feature-neighbours": "auditkit.checks.embedding:FeatureNeighbours",
+    "class-separation": "auditkit.checks.embedding:ClassSeparation",
+    "class-visualisation": "auditkit.checks.synthesis:ClassVisualisation",
+    "texture-synthesis-converges": "auditkit.checks.synthesis:TextureSynthesisConverges",
+    "max-activating-patches": "auditkit.checks.patches:MaxActivatingPatches",
 })
 
 # The suite that runs when the configuration declares no checks.
