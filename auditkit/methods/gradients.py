@@ -173,11 +173,12 @@ def ig_weights(steps: int, method: IGMethod = "riemann_trapezoid") -> tuple[torc
     return (k + shift) / n, w
 
 
-def _baseline_like(images: torch.Tensor, baseline: float | torch.Tensor | None) -> torch.Tensor:
-    """The baseline broadcast to N x C x H x W (float32, CPU): zeros, a constant, or a tensor."""
+def _baseline_like(subject, images: torch.Tensor, baseline: float | torch.Tensor | None) -> torch.Tensor:
+    """The baseline broadcast to N x C x H x W (float32, CPU): the normalisation mean (None), a constant, or a tensor."""
     x = images.detach().float().cpu()
     if baseline is None:
-        return torch.zeros_like(x)
+        mean = torch.tensor([float(m) for m in subject.spec.mean]).view(1, -1, 1, 1)
+        return mean.expand_as(x).clone()
     if isinstance(baseline, (int, float)):
         return torch.full_like(x, float(baseline))
     b = torch.as_tensor(baseline).detach().float().cpu()
@@ -197,6 +198,10 @@ def integrated_gradients(
 ) -> torch.Tensor:
     """Integrated gradients: (x - b) * sum_k w_k d f_t / d x at b + a_k (x - b); N x C x H x W on the CPU.
 
+    The default baseline (None) is the model's normalisation mean: the image whose normalised input
+    is all zeros, which is what Captum's default baseline means when it is given normalised
+    tensors. Pass 0.0 for a black image.
+
     Completeness: sum(attr) ~ f_t(x) - f_t(b). The N * steps interpolated
     images are built lazily, image-major, and sent through the model in
     chunks of subject.batch_size rows (a chunk may mix images and steps).
@@ -205,7 +210,7 @@ def integrated_gradients(
     """
     targets = _check(subject, images, targets)
     x = images.detach().float().cpu()
-    b = _baseline_like(images, baseline)
+    b = _baseline_like(subject, images, baseline)
     alphas, weights = ig_weights(steps, method)
     n, s = x.shape[0], alphas.shape[0]
     alphas, weights = alphas.float(), weights.float()
