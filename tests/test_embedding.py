@@ -1,0 +1,388 @@
+"""Embeddings: k-NN agreement / accuracy, PCA, t-SNE, and the checks feature-neighbours and class-separation."""
+import copy
+import dataclasses
+import io
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from auditkit import AuditSet, ModelSpec, Sample
+from auditkit.checks import check_class
+from auditkit.checks.base import CheckConfigError, Status
+from auditkit.checks.embedding import ClassSeparation, FeatureNeighbours
+from auditkit.demo import demo_model, shapes_dataset
+from auditkit.methods import embedding as em
+from auditkit.methods.randomisation import random_copy
+from auditkit.subject import AuditModelError, Subject, _hook_keys
+
+sklearn = pytest.importorskip("sklearn")
+
+
+# -- toys ---------------------------------------------------------------------
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+class TwoHeads(nn.Module):
+    """`head` is registered first but called last; `proj` (registered last) feeds it."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(4, 2)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.boom = Boom() if fail else nn.Identity()
+        self.proj = nn.Linear(6, 4)
+
+    def forward(self, x):
+        pooled = self.conv(x).mean(dim=(2, 3))
+        return self.head(self.boom(torch.relu(self.proj(pooled))))
+
+
+class NoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def _toy_spec(module, name="toy"):
+    return ModelSpec(module=module, class_names=["a", "b"], input_size=(8, 8), layers=["conv"], name=name)
+
+
+def _images(n=8, size=8, seed=1):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _state(module):
+    return (copy.deepcopy(module.state_dict()), {n: m.training for n, m in module.named_modules()},
+            {n: p.requires_grad for n, p in module.named_parameters()}, _hook_keys(module))
+
+
+def _assert_unchanged(module, before):
+    state, training, grads, hooks = before
+    now = module.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(state[k], now[k]) for k in state)
+    assert {n: m.training for n, m in module.named_modules()} == training
+    assert {n: p.requires_grad for n, p in module.named_parameters()} == grads
+    assert _hook_keys(module) == hooks
+
+
+# -- k nearest neighbours: hand-made sets with known answers -------------------
+
+# On a line: 0, 1, 3 | 10, 11, 13 with labels 0 0 1 | 1 1 0.
+LINE = torch.tensor([[0.0], [1.0], [3.0], [10.0], [11.0], [13.0]])
+LINE_LABELS = torch.tensor([0, 0, 1, 1, 1, 0])
+
+
+def test_knn_indices_leave_one_out_nearest_first_and_ties_by_index():
+    idx = em.knn_indices(LINE, 2)
+    assert idx.tolist() == [[1, 2], [0, 2], [1, 0], [4, 5], [3, 5], [4, 3]]
+    # equal distances: the lower index first; a duplicate (distance 0) is a neighbour, the point itself is not
+    pts = torch.tensor([[0.0], [1.0], [-1.0], [0.0]])
+    assert em.knn_indices(pts, 3).tolist() == [[3, 1, 2], [0, 3, 2], [0, 3, 1], [0, 1, 2]]
+
+
+def test_knn_agreement_closed_form():
+    # k = 1: neighbours 1, 0, 1, 4, 3, 4 -> same label for points 0, 1, 3, 4 -> 4/6
+    assert em.knn_agreement(LINE, LINE_LABELS, 1) == pytest.approx(4 / 6)
+    # k = 2: shares 1/2, 1/2, 0, 1/2, 1/2, 0 -> 1/3
+    shares = em.neighbour_agreement(LINE, LINE_LABELS, 2)
+    assert shares.tolist() == [0.5, 0.5, 0.0, 0.5, 0.5, 0.0]
+    assert em.knn_agreement(LINE, LINE_LABELS, 2) == pytest.approx(1 / 3)
+
+
+def test_knn_predict_breaks_ties_by_the_nearest_neighbour():
+    # k = 2: points 0, 1, 3, 4 see one vote for each label; the nearer neighbour's label wins
+    assert em.knn_predict(LINE, LINE_LABELS, 2).tolist() == [0, 0, 0, 1, 1, 1]
+    assert em.knn_accuracy(LINE, LINE_LABELS, 2) == pytest.approx(4 / 6)
+    # a strict majority beats a nearer single vote: the nearest is label 1, two farther ones are label 0
+    pts = torch.tensor([[0.0], [1.0], [2.0], [2.5]])
+    assert em.knn_predict(pts, torch.tensor([0, 1, 0, 0]), 3)[0] == 0
+
+
+def test_knn_against_sklearn_neighbours():
+    from sklearn.neighbors import NearestNeighbors
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    y = (x[:, 0] + 0.8 * torch.randn(40, generator=gen, dtype=torch.float64) > 0).long()
+    # kneighbors() without a query: each indexed point's neighbours, the point itself left out
+    ref_idx = NearestNeighbors(n_neighbors=5).fit(x.numpy()).kneighbors(return_distance=False)
+    assert em.knn_indices(x, 5).tolist() == ref_idx.tolist()
+    ys = y.numpy()
+    for k in (1, 3, 5):  # two classes and odd k: no vote ties, so the rule is the plain majority
+        votes = ys[ref_idx[:, :k]]
+        majority = (votes.sum(axis=1) * 2 > k).astype(int)
+        assert em.knn_predict(x, y, k).tolist() == majority.tolist()
+        assert em.knn_accuracy(x, y, k) == pytest.approx((majority == ys).mean())
+        assert em.knn_agreement(x, y, k) == pytest.approx((votes == ys[:, None]).mean())
+
+
+def test_knn_bad_arguments_name_what_is_expected():
+    with pytest.raises(ValueError, match=r"k = 6 .*1 <= k <= N - 1 = 5"):
+        em.knn_agreement(LINE, LINE_LABELS, 6)
+    with pytest.raises(ValueError, match=r"labels have shape \(5,\), expected \(6,\)"):
+        em.knn_agreement(LINE, LINE_LABELS[:5], 1)
+    with pytest.raises(ValueError, match="N x D"):
+        em.knn_indices(torch.zeros(6), 1)
+
+
+def test_unit_rows_scale_invariance():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [-2.0, 0.0]])
+    assert torch.allclose(em.unit_rows(x), torch.tensor([[0.6, 0.8], [0.0, 0.0], [-1.0, 0.0]]), rtol=0, atol=1e-7)
+    assert em.unit_rows(torch.ones(2, 3, 4, 4)).shape == (2, 48)
+
+
+# -- PCA and t-SNE ----------------------------------------------------------------
+
+
+def test_pca_2d_matches_sklearn_up_to_sign():
+    from sklearn.decomposition import PCA
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(30, 8, generator=gen, dtype=torch.float64) * torch.tensor([5.0, 3, 1, 1, 0.5, 0.5, 0.2, 0.1],
+                                                                               dtype=torch.float64) + 7.0
+    coords, ratio = em.pca_2d(x)
+    ref = PCA(n_components=2, svd_solver="full").fit(x.numpy())
+    ref_coords = ref.transform(x.numpy())
+    for axis in range(2):
+        sign = np.sign(np.dot(coords[:, axis].numpy(), ref_coords[:, axis]))
+        np.testing.assert_allclose(coords[:, axis].numpy(), sign * ref_coords[:, axis], atol=1e-9)
+    np.testing.assert_allclose(ratio.numpy(), ref.explained_variance_ratio_, rtol=1e-9)
+    assert coords.mean(0).abs().max() < 1e-9
+    # the sign convention (largest-magnitude loading positive) depends on the axes only, not on row order
+    perm = torch.randperm(30, generator=gen)
+    assert torch.allclose(em.pca_2d(x[perm])[0], coords[perm], rtol=0, atol=1e-9)
+    # degenerate: 2 points in 1-D -> one axis, the second coordinate is 0
+    two, r2 = em.pca_2d(torch.tensor([[0.0], [2.0]]))
+    assert two.tolist() == [[-1.0, 0.0], [1.0, 0.0]] and r2.tolist() == [1.0, 0.0]
+
+
+def test_tsne_2d_wraps_sklearn_deterministically():
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(10, 5, generator=gen), torch.randn(10, 5, generator=gen) + 6])
+    a = em.tsne_2d(x, perplexity=30.0, seed=0)  # clamped to (20 - 1) / 3
+    b = em.tsne_2d(x, perplexity=30.0, seed=0)
+    assert a.shape == (20, 2) and a.dtype == torch.float64
+    assert torch.equal(a, b)
+    with threadpool_limits(limits=1):
+        ref = TSNE(n_components=2, perplexity=19 / 3, init="pca", random_state=0).fit_transform(x.numpy())
+    np.testing.assert_allclose(a.numpy(), ref, rtol=1e-6, atol=1e-6)
+    # two well-separated blobs stay separated in the map
+    assert em.knn_accuracy(a, torch.tensor([0] * 10 + [1] * 10), 3) == 1.0
+
+
+def test_effective_perplexity_clamps_and_refuses_tiny_sets():
+    assert em.effective_perplexity(30.0, 60) == pytest.approx(59 / 3)
+    assert em.effective_perplexity(5.0, 60) == 5.0
+    with pytest.raises(ValueError, match="at least 4 points"):
+        em.effective_perplexity(30.0, 3)
+    with pytest.raises(ValueError, match="perplexity must be > 0"):
+        em.effective_perplexity(0.0, 60)
+
+
+# -- features: penultimate, named layer, hooks -----------------------------------
+
+
+def test_penultimate_is_the_input_of_the_linear_called_last_and_hooks_are_removed():
+    module, images = TwoHeads(), _images(n=7)
+    before = _state(module)
+    with Subject(_toy_spec(module), device="cpu", batch_size=3) as subject:
+        assert em.penultimate_layer(subject, images) == "head"
+        got = em.penultimate_features(subject, images)
+        assert _hook_keys(module) == before[3]
+        named = em.features(subject, images, "conv")
+    with torch.no_grad():
+        expected = torch.relu(module.proj(module.conv(images).mean(dim=(2, 3))))
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert named.shape == (7, 6 * 8 * 8)
+    _assert_unchanged(module, before)
+
+
+def test_hooks_removed_when_the_forward_raises():
+    module = TwoHeads(fail=True)
+    before = _state(module)
+    with Subject(_toy_spec(module), device="cpu") as subject:
+        with pytest.raises(RuntimeError, match="boom"):
+            em.penultimate_features(subject, _images())
+        assert _hook_keys(module) == before[3]
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in module.modules())
+    _assert_unchanged(module, before)
+
+
+def test_model_without_linear_asks_for_layer():
+    with Subject(_toy_spec(NoLinear(), name="nolin"), device="cpu") as subject:
+        with pytest.raises(AuditModelError, match=r"'nolin' has no nn.Linear.*pass layer="):
+            em.features(subject, _images())
+        assert em.features(subject, _images(), "conv").shape == (8, 2 * 8 * 8)
+
+
+def test_unknown_layer_is_named():
+    with Subject(_toy_spec(TwoHeads()), device="cpu") as subject, \
+            pytest.raises(AuditModelError, match=r"no layer 'nope'.*available layers: head, conv"):
+        em.features(subject, _images(), "nope")
+
+
+# -- the checks on the demo --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return shapes_dataset()
+
+
+@pytest.fixture(scope="module")
+def trained(shapes):
+    spec = demo_model()
+    before = _state(spec.module)
+    with Subject(spec, device="cpu") as subject:
+        results = (FeatureNeighbours().execute(subject, shapes), ClassSeparation().execute(subject, shapes))
+    return spec, before, results
+
+
+@pytest.fixture(scope="module")
+def untrained(shapes):
+    spec = demo_model()
+    spec = dataclasses.replace(spec, module=random_copy(spec.module, seed=0), name="demo-random")
+    with Subject(spec, device="cpu") as subject:
+        return FeatureNeighbours(queries=0).execute(subject, shapes), ClassSeparation().execute(subject, shapes)
+
+
+def test_demo_passes_feature_neighbours(trained):
+    result = trained[2][0]
+    assert result.status is Status.PASSED, result.summary()
+    # measured: 0.927 in feature space vs 0.340 in pixel space, gain 0.587; default min_gain 0.25
+    assert result.value == pytest.approx(0.587, abs=0.03)
+    assert result.details["feature_agreement"] > 0.85 and result.details["pixel_agreement"] < 0.45
+    assert result.details["chance_agreement"] == pytest.approx(np.mean([(c - 1) / 59 for c in [12] * 24 + [14] * 14
+                                                                         + [13] * 13 + [9] * 9]))
+    assert result.details["features"] == "input of head"
+    assert [r["class"] for r in result.rows] == ["circle", "square", "triangle", "star", "cross"]
+    assert sum(r["samples"] for r in result.rows) == 60
+    weighted = sum(r["samples"] * r["gain"] for r in result.rows) / 60
+    assert weighted == pytest.approx(result.value)
+    (grid,) = result.evidence
+    assert grid.media_type == "image/png" and grid.data.startswith(b"\x89PNG")
+    img = Image.open(io.BytesIO(grid.data))
+    # 4 query rows of 1 + 5 + 5 framed 64 px panels (70 px with the frame, x2)
+    assert img.height > 4 * 140 and img.width > 11 * 140
+
+
+def test_demo_passes_class_separation(trained):
+    result = trained[2][1]
+    assert result.status is Status.PASSED, result.summary()
+    # measured: 0.95 in the t-SNE map (perplexity 59/3), default min_accuracy 0.6
+    assert result.value >= 0.85
+    assert result.details["perplexity"] == pytest.approx(59 / 3)
+    assert result.details["feature_knn_accuracy"] >= 0.85
+    pca_svg, tsne_svg = (e.data.decode() for e in result.evidence)
+    for svg in (pca_svg, tsne_svg):
+        assert svg.count("<circle") >= 60  # the 60 points, plus the legend's dots
+        for name in ("circle", "square", "triangle", "star", "cross"):
+            assert f">{name}<" in svg  # legend entry
+    assert "PC1 (" in pca_svg and "t-SNE 1" in tsne_svg
+
+
+def test_the_users_model_is_unchanged(trained):
+    spec, before, _ = trained
+    _assert_unchanged(spec.module, before)
+
+
+def test_untrained_copy_fails_both(untrained):
+    neighbours, separation = untrained
+    # measured (random_copy seed 0): agreement 0.173 in features vs 0.340 in pixels -> gain -0.167
+    assert neighbours.status is Status.FAILED, neighbours.summary()
+    assert neighbours.value < 0.0 and neighbours.evidence == []
+    # measured: 0.233 in the t-SNE map (5 classes: chance is about 0.2)
+    assert separation.status is Status.FAILED, separation.summary()
+    assert separation.value < 0.4
+
+
+# -- the checks: configuration, errors, escaping ------------------------------------
+
+
+def test_registered_and_configurable():
+    assert check_class("feature-neighbours") is FeatureNeighbours
+    assert check_class("class-separation") is ClassSeparation
+    check = ClassSeparation.from_params({"k": 3, "min_accuracy": 0.7, "perplexity": 10, "layer": "stage4"})
+    assert (check.k, check.perplexity, check.layer) == (3, 10.0, "stage4")
+    for cls, params, match in [
+        (FeatureNeighbours, {"k": 0}, "k must be >= 1"),
+        (FeatureNeighbours, {"min_gain": 1.5}, r"min_gain must be in \[-1, 1\]"),
+        (FeatureNeighbours, {"queries": -1}, "queries must be >= 0"),
+        (ClassSeparation, {"min_accuracy": 1.2}, r"min_accuracy must be in \[0, 1\]"),
+        (ClassSeparation, {"perplexity": 0}, "perplexity must be > 0"),
+        (ClassSeparation, {"neighbours": 3}, "unknown parameter"),
+    ]:
+        with pytest.raises(CheckConfigError, match=match):
+            cls.from_params(params)
+
+
+def _toy_set(names=("a", "b")):
+    images = _images(n=8)
+    return AuditSet([Sample(images[i], i % 2, (), f"s{i}") for i in range(8)], list(names), name="toyset")
+
+
+def test_checks_error_on_a_bad_layer_and_on_too_few_images():
+    module = TwoHeads()
+    before = _state(module)
+    with Subject(_toy_spec(module), device="cpu") as subject:
+        for check in (FeatureNeighbours(layer="nope"), ClassSeparation(layer="nope")):
+            result = check.execute(subject, _toy_set())
+            assert result.status is Status.ERROR and "no layer 'nope'" in result.message
+        result = FeatureNeighbours(k=8).execute(subject, _toy_set())
+        assert result.status is Status.ERROR and "k = 8 needs at least k + 1 = 9 audit images" in result.message
+        one_class = AuditSet([Sample(img, 0, (), f"s{i}") for i, img in enumerate(_images())], ["a", "b"], name="one")
+        for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):
+            result = check.execute(subject, one_class)
+            assert result.status is Status.ERROR and "one class only" in result.message
+    _assert_unchanged(module, before)
+
+
+def test_class_names_are_escaped_in_the_evidence():
+    names = ("<b>a&amp;</b>", "c\"d'<script>")
+    with Subject(_toy_spec(TwoHeads()), device="cpu") as subject:
+        result = ClassSeparation(k=1, layer="conv").execute(subject, _toy_set(names))
+        grid = FeatureNeighbours(k=1, queries=2).execute(subject, _toy_set(names))
+    assert result.status in (Status.PASSED, Status.FAILED), result.message
+    for evidence in result.evidence:
+        svg = evidence.data.decode()
+        assert "<b>" not in svg and "<script>" not in svg
+        assert "&lt;b&gt;a&amp;amp;&lt;/b&gt;" in svg
+        assert re.search(r"c(&quot;|\")d('|&#39;|&apos;)&lt;script&gt;", svg)
+    assert grid.status in (Status.PASSED, Status.FAILED) and grid.evidence[0].data.startswith(b"\x89PNG")
+
+
+class SharedHead(nn.Module):
+    """The final nn.Linear is called twice per image: its input rows do not match the images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        pooled = self.conv(x).mean(dim=(2, 3))
+        return self.head(pooled) + self.head(pooled * 2)
+
+
+def test_a_linear_called_twice_per_image_asks_for_layer():
+    module = SharedHead()
+    before = _state(module)
+    with Subject(_toy_spec(module), device="cpu") as subject, \
+            pytest.raises(AuditModelError, match=r"layer 'head' gave 16 input rows for 8 images.*pass layer="):
+        em.penultimate_features(subject, _images())
+    _assert_unchanged(module, before)
