@@ -344,11 +344,14 @@ def panel_grid(
 
 
 def png_evidence(title: str, image: Image.Image, caption: str = "") -> Evidence:
-    """An Evidence holding the image as optimised PNG bytes (media_type "image/png")."""
+    """An Evidence holding the image as PNG bytes (media_type "image/png"), zlib level 6.
+
+    (optimize=True saves under 1% on these noisy pictures and costs 7x the time.)
+    """
     if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "1"):
         image = image.convert("RGB")
     buf = io.BytesIO()
-    image.save(buf, format="PNG", optimize=True)
+    image.save(buf, format="PNG", compress_level=6)
     return Evidence(title=str(title), media_type="image/png", data=buf.getvalue(), caption=str(caption))
 
 
