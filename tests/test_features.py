@@ -6,8 +6,12 @@ import torch
 from torch import nn
 
 from auditkit import ModelSpec
-from auditkit.checks.base import Status
-from auditkit.checks.representation import DeadUnits, InvarianceGrowsWithDepth
+from auditkit.checks.base import CheckConfigError, Status, spread_indices
+from auditkit.checks.representation import (
+    DeadUnits,
+    InvarianceGrowsWithDepth,
+    normalise_filters,
+)
 from auditkit.demo import demo_model, shapes_dataset
 from auditkit.methods import features as fe
 from auditkit.subject import Subject, _hook_keys
@@ -76,6 +80,63 @@ def test_layer_features_independent_of_batch_size():
     assert one["conv"].shape == (7, 4 * 8 * 8) and unflat["conv"].shape == (7, 4, 8, 8)
     for name in ("conv", "act"):
         torch.testing.assert_close(one[name], many[name], rtol=1e-5, atol=1e-6)
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+class InplaceNet(nn.Module):
+    """conv -> ReLU(inplace=True): the ReLU overwrites the conv's output tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_layer_features_records_the_output_before_an_inplace_op():
+    module, images = InplaceNet(), _images(n=5)
+    with Subject(_spec(module, layers=("conv", "act")), device="cpu", batch_size=2) as subject:
+        got = fe.layer_features(subject, images, ["conv", "act"], flatten=False)
+        expected = module.conv(subject.normalise(images)).detach()
+    assert (got["conv"] < 0).any()  # the pre-ReLU values, not the ReLU's overwrite
+    torch.testing.assert_close(got["conv"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["act"], expected.clamp_min(0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_layer_features_keeps_only_the_requested_features(batch_size):
+    """Each result owns exactly N x D float32 values: no view into a larger chunk or a concatenation."""
+    module, images = Net(), _images(n=7)
+    with Subject(_spec(module), device="cpu", batch_size=batch_size) as subject:
+        flat = fe.layer_features(subject, images, ["act"])
+        maps = fe.layer_features(subject, images, ["conv"], flatten=False)
+    for tensor, shape in ((flat["act"], (7, 4 * 64)), (maps["conv"], (7, 4, 8, 8))):
+        assert tensor.shape == shape and tensor.dtype == torch.float32 and tensor.is_contiguous()
+        assert tensor.untyped_storage().nbytes() == tensor.numel() * 4
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+def test_layer_features_names_a_layer_without_tensor_output():
+    class TupleOut(nn.Module):
+        def forward(self, x):
+            return (x,)
+
+    class Net2(Net):
+        def __init__(self):
+            super().__init__()
+            self.pair = TupleOut()
+
+        def forward(self, x):
+            return super().forward(self.pair(x)[0])
+
+    module = Net2()
+    with Subject(_spec(module), device="cpu") as subject, \
+            pytest.raises(ValueError, match="'pair' produced no tensor output"):
+        fe.layer_features(subject, _images(), ["conv", "pair"])
     assert all(not m._forward_hooks for m in module.modules())
 
 
@@ -177,10 +238,22 @@ def test_demo_invariance_per_layer(demo):
         assert inv["stage4"] > inv["stage1"]
 
 
-@pytest.mark.parametrize("transform", ["translate", "scale"])
-def test_demo_invariance_check_passes(demo, transform):
+@pytest.fixture(scope="module")
+def translate_results(demo):
+    """The default translate check on the demo, judged alone and with rotation shown beside it."""
     subject, data = demo
-    result = InvarianceGrowsWithDepth(transform=transform).execute(subject, data)
+    plain = InvarianceGrowsWithDepth(transform="translate").execute(subject, data)
+    shown = InvarianceGrowsWithDepth(transform="translate", compare=("rotate",)).execute(subject, data)
+    return plain, shown
+
+
+@pytest.mark.parametrize("transform", ["translate", "scale"])
+def test_demo_invariance_check_passes(demo, translate_results, transform):
+    subject, data = demo
+    if transform == "translate":
+        result = translate_results[0]
+    else:
+        result = InvarianceGrowsWithDepth(transform=transform).execute(subject, data)
     print(result.summary())
     assert result.status is Status.PASSED, result.summary()
     assert len(result.rows) == 4 * 3 and result.evidence and result.evidence[0].media_type == "image/svg+xml"
@@ -191,6 +264,49 @@ def test_demo_invariance_check_fails_on_gain(demo):
     result = InvarianceGrowsWithDepth(transform="translate", min_gain=0.99).execute(subject, data)
     assert result.status is Status.FAILED and "gain" in result.message
     assert result.value >= 0.8  # the rank condition alone holds
+
+
+def test_rotation_is_measured_and_shown_but_not_judged(demo, translate_results):
+    import xml.etree.ElementTree as ET
+
+    subject, data = demo
+    plain, shown = translate_results
+    # the verdict is the translate check's alone
+    assert shown.status is plain.status is Status.PASSED
+    assert shown.value == plain.value and shown.details["mean_gain"] == plain.details["mean_gain"]
+    assert shown.details["rho_per_magnitude"] == plain.details["rho_per_magnitude"]
+    # rotation measured at its default magnitudes, as the method computes it on the same images
+    rotate = shown.details["compare"]["rotate"]
+    assert rotate["magnitudes"] == [10.0, 20.0, 40.0] and rotate["judged"] is False
+    images = data.subset(spread_indices(len(data), 32)).images()
+    direct = fe.invariance(subject, images, subject.layers, "rotate", 20.0)
+    for layer in subject.layers:
+        assert rotate["invariance"]["20"][layer] == pytest.approx(direct[layer], abs=1e-9)
+    print("rotate, not judged:", rotate["mean_rho"], rotate["mean_gain"])
+    # figure 5's p(true class) comes from the sweep's own forward passes: same as a separate predict
+    labels = data.subset(spread_indices(len(data), 32)).labels()
+    for m, p in ((0.0, images), (4.0, fe.translate(images, 4))):
+        assert shown.details["p_true_class"][f"{m:g}"] == pytest.approx(
+            float(subject.class_probability(p, labels).double().mean()), abs=1e-6)
+    # rows: 12 judged translate rows and 12 rotate rows marked as shown only
+    assert [r["judged"] for r in shown.rows].count("yes") == 12
+    assert sorted({r["magnitude"] for r in shown.rows if r["transform"] == "rotate"}) == [10.0, 20.0, 40.0]
+    assert all(r["judged"].startswith("no") for r in shown.rows if r["transform"] == "rotate")
+    # evidence: the plain check's charts unchanged, plus one chart with a line per transform
+    assert [e.title for e in shown.evidence[:-1]] == [e.title for e in plain.evidence]
+    chart = shown.evidence[-1]
+    ET.fromstring(chart.data.decode())
+    assert "rotate 20deg (not judged)" in chart.data.decode() and "translate 4px (judged)" in chart.data.decode()
+    assert "rotate" in shown.message and "not judged" in shown.message
+
+
+@pytest.mark.parametrize("compare, match", [(("spin",), "unknown transform 'spin'"),
+                                            (("translate",), "must not repeat"),
+                                            (("rotate", "rotate"), "twice")])
+def test_invariance_compare_is_validated(compare, match):
+    with pytest.raises(CheckConfigError, match=match):
+        InvarianceGrowsWithDepth(transform="translate", compare=compare)
+    assert InvarianceGrowsWithDepth(compare="rotate").compare == ("rotate",)
 
 
 def test_demo_dead_units(demo):
@@ -220,3 +336,61 @@ def test_invariance_check_draws_figure5_evidence():
         ET.fromstring(item.data.decode())  # valid SVG
     change_svg = result.evidence[1].data.decode()
     assert "stage1" in change_svg and "stage4" in change_svg
+
+
+# -- dead-units evidence ------------------------------------------------------
+
+
+def test_dead_units_table_lists_dead_channels_and_draws_maps_and_filters():
+    import io
+
+    from PIL import Image
+
+    from auditkit.data import AuditSet, Sample
+
+    module = Net()
+    with torch.no_grad():
+        module.conv.bias[2] = -100.0
+    images = _images(n=5)
+    data = AuditSet(name="toy", class_names=("a", "b"),
+                    samples=[Sample(image=images[i], label=i % 2, id=f"s{i}") for i in range(5)])
+    with Subject(_spec(module, layers=("conv", "act")), device="cpu") as subject:
+        result = DeadUnits(max_dead=0.5, sample=3, max_maps=3).execute(subject, data)
+        out_of_range = DeadUnits(sample=5).execute(subject, data)
+    assert result.status is Status.PASSED and result.value == 0.25
+    assert [(r["layer"], r["dead"], r["dead_channels"]) for r in result.rows] == [("conv", 1, "2"), ("act", 1, "2")]
+    assert result.details["dead_channels"] == {"conv": [2], "act": [2]}
+    titles = [e.title for e in result.evidence]
+    assert titles == ["Dead channels per layer", "Activation maps of conv for sample 3",
+                      "Activation maps of act for sample 3", "First-layer filters (conv, RGB)"]
+    assert "the first 3 of 4 channels" in result.evidence[1].caption and "'s3'" in result.evidence[1].caption
+    for item in result.evidence[1:]:
+        assert item.media_type == "image/png"
+        Image.open(io.BytesIO(item.data)).verify()
+    assert result.details["filters"] == {"layer": "conv", "shape": [4, 3, 3, 3], "shown": 3}
+    assert "enlarged 9x" in result.evidence[-1].caption  # 3 x 3 kernels shown 27 px wide
+    assert out_of_range.status is Status.ERROR and "sample 5 is out of range" in out_of_range.message
+    assert "valid 0..4" in out_of_range.message
+    assert all(not m._forward_hooks for m in module.modules())
+
+
+def test_dead_units_without_rgb_conv_skips_filters_with_a_note():
+    from auditkit.data import AuditSet, Sample
+
+    images = _images(n=3, size=6)
+    data = AuditSet(name="toy", class_names=("a", "b"),
+                    samples=[Sample(image=images[i], label=0, id=f"s{i}") for i in range(3)])
+    with Subject(_spec(Ident(), size=6, layers=("feat",)), device="cpu") as subject:
+        result = DeadUnits(max_dead=1.0).execute(subject, data)
+    assert result.status is Status.PASSED
+    assert [e.title for e in result.evidence] == ["Dead channels per layer", "Activation maps of feat for sample 0"]
+    assert "no nn.Conv2d with 3 input channels" in result.details["filters"]
+    with pytest.raises(CheckConfigError, match="sample must be an index >= 0"):
+        DeadUnits(sample=-1)
+
+
+def test_normalise_filters_closed_form():
+    weight = torch.stack([torch.arange(27.0).view(3, 3, 3) - 5, torch.full((3, 3, 3), 2.0)])
+    scaled = normalise_filters(weight)
+    torch.testing.assert_close(scaled[0], torch.arange(27.0).view(3, 3, 3) / 26)  # (w - min) / (max - min)
+    assert torch.all(scaled[1] == 0.5)  # a constant filter is mid grey

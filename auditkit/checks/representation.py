@@ -6,10 +6,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from PIL import Image, ImageDraw
 from scipy.stats import spearmanr
+from torch import nn
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, spread_indices
+from auditkit.checks.base import (
+    Check,
+    CheckConfigError,
+    CheckResult,
+    Status,
+    spread_indices,
+)
 from auditkit.methods import features as fe
 
 DEFAULT_MAGNITUDES: dict[str, tuple[float, ...]] = {
@@ -21,6 +29,38 @@ _LISTED = 20  # dead channel indices listed per row
 _UNIT = {"translate": "px", "scale": "x", "rotate": "deg"}
 
 
+def _measure(subject, images, labels, layers, transform, mags, base, spread):
+    """For each magnitude m: invariance per layer (table[m]), mean p(true class) of the transformed
+    images (prob[m], from the same forward passes), rho = Spearman(depth, invariance) (NaN when all
+    layers tie) and gain = last-layer minus first-layer invariance."""
+    fn = fe.TRANSFORMS[transform]
+    table, prob = {}, {}
+    for m in mags:
+        moved, logits = fe.features_and_logits(subject, fn(images, m), layers)
+        table[m] = {name: fe.invariance_from_features(base[name], moved[name], spread[name]) for name in layers}
+        prob[m] = _true_class_probability(logits, labels)
+        del moved
+    depth = list(range(1, len(layers) + 1))
+    rhos, gains = [], []
+    for m in mags:
+        values = [table[m][name] for name in layers]
+        rho = spearmanr(depth, values).statistic if len(set(values)) > 1 else float("nan")
+        rhos.append(float(rho))
+        gains.append(values[-1] - values[0])
+    return table, prob, rhos, gains
+
+
+def _true_class_probability(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """mean_i softmax(logits_i)[label_i]."""
+    return float(torch.softmax(logits.double(), dim=1).gather(1, labels.view(-1, 1)).mean())
+
+
+def _representative(mags) -> float:
+    """The middle of the sorted magnitudes (the lower middle for an even count)."""
+    ordered = sorted(mags)
+    return ordered[(len(ordered) - 1) // 2]
+
+
 @dataclass
 class InvarianceGrowsWithDepth(Check):
     """Features should get more invariant to a nuisance transform from shallow to deep layers.
@@ -29,6 +69,10 @@ class InvarianceGrowsWithDepth(Check):
     (Euclidean d on flattened layer outputs). For each magnitude, rho = Spearman(depth, invariance)
     over the subject's layers; the check passes when the mean rho over magnitudes is >= min_rho AND
     the mean (over magnitudes) of last-layer minus first-layer invariance is >= min_gain.
+
+    `compare` names other transforms that are measured the same way at their default magnitudes
+    (DEFAULT_MAGNITUDES) and shown (rows, details, an extra chart) but never judged: the verdict
+    depends on `transform` alone.
     """
 
     kind = "invariance-grows-with-depth"
@@ -37,7 +81,7 @@ class InvarianceGrowsWithDepth(Check):
         "invariance_l(T) = 1 - mean_i d(f_l(x_i), f_l(T x_i)) / mean_{i != j} d(f_l(x_i), f_l(x_j)), d = Euclidean "
         "distance of the flattened layer output. Passes when Spearman(depth, invariance), averaged over the "
         "magnitudes, is >= min_rho and the last layer's invariance exceeds the first layer's by >= min_gain "
-        "(averaged over the magnitudes)."
+        "(averaged over the magnitudes). Transforms listed in compare are measured and shown, not judged."
     )
 
     transform: Literal["translate", "scale", "rotate"] = "translate"
@@ -45,8 +89,21 @@ class InvarianceGrowsWithDepth(Check):
     min_rho: float = 0.8
     min_gain: float = 0.1
     samples: int = 32
+    compare: tuple[str, ...] = ()
 
     def validate(self) -> None:
+        if isinstance(self.compare, str):  # compare="rotate" means ("rotate",)
+            self.compare = (self.compare,)
+        self.compare = tuple(self.compare)
+        for other in self.compare:
+            if other not in DEFAULT_MAGNITUDES:
+                raise CheckConfigError(f"check {self.name!r}: compare names unknown transform {other!r}; "
+                                       f"expected some of {', '.join(DEFAULT_MAGNITUDES)}")
+            if other == self.transform:
+                raise CheckConfigError(f"check {self.name!r}: compare must not repeat the judged transform "
+                                       f"{other!r}")
+        if len(set(self.compare)) != len(self.compare):
+            raise CheckConfigError(f"check {self.name!r}: compare lists a transform twice: {list(self.compare)}")
         if not -1.0 <= self.min_rho <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_rho must be in [-1, 1], got {self.min_rho}")
         if not math.isfinite(self.min_gain):
@@ -75,32 +132,45 @@ class InvarianceGrowsWithDepth(Check):
         mags = self.used_magnitudes
         unit = _UNIT[self.transform]
 
-        base = fe.layer_features(subject, images, layers)
-        table: dict[float, dict[str, float]] = {
-            m: fe.invariance(subject, images, layers, self.transform, m, base=base) for m in mags
-        }
+        base, base_logits = fe.features_and_logits(subject, images, layers)
+        spread = {name: fe.mean_pairwise_distance(base[name]) for name in layers}  # shared denominators
+        table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base, spread)
+        prob[1.0 if self.transform == "scale" else 0.0] = _true_class_probability(base_logits, labels)
         depth = list(range(1, len(layers) + 1))
-        rhos, gains = [], []
-        for m in mags:
-            values = [table[m][name] for name in layers]
-            rho = spearmanr(depth, values).statistic if len(set(values)) > 1 else float("nan")
-            rhos.append(float(rho))
-            gains.append(values[-1] - values[0])
         mean_rho = float(sum(rhos) / len(rhos))
         mean_gain = float(sum(gains) / len(gains))
+        # other transforms: measured and shown, never judged
+        shown: dict[str, dict] = {}
+        for other in self.compare:
+            o_mags = DEFAULT_MAGNITUDES[other]
+            o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread)
+            shown[other] = {"magnitudes": list(o_mags), "invariance": {f"{m:g}": o_table[m] for m in o_mags},
+                            "rho_per_magnitude": o_rhos, "gain_per_magnitude": o_gains,
+                            "mean_rho": float(sum(o_rhos) / len(o_rhos)),
+                            "mean_gain": float(sum(o_gains) / len(o_gains)), "judged": False, "table": o_table}
 
-        rows = [{"layer": name, "depth": d, "magnitude": m, "invariance": table[m][name]}
-                for m in mags for d, name in zip(depth, layers)]
+        rows = [{"transform": self.transform, "judged": "yes", "layer": name, "depth": d, "magnitude": m,
+                 "invariance": table[m][name]} for m in mags for d, name in zip(depth, layers)]
+        rows += [{"transform": other, "judged": "no (shown only)", "layer": name, "depth": d, "magnitude": m,
+                  "invariance": info["table"][m][name]}
+                 for other, info in shown.items() for m in info["magnitudes"] for d, name in zip(depth, layers)]
         per_mag = ", ".join(f"{m:g}{unit}: rho {r:.2f}, gain {g:+.2f}" for m, r, g in zip(mags, rhos, gains))
         message = (f"{self.transform}, {len(chosen)} samples; mean Spearman {mean_rho:.2f}, mean gain "
                    f"{layers[-1]} - {layers[0]} = {mean_gain:+.3f} (needs >= {self.min_gain:g}); {per_mag}")
+        if shown:
+            message += "; shown, not judged: " + ", ".join(
+                f"{other} mean Spearman {info['mean_rho']:.2f}, mean gain {info['mean_gain']:+.3f}"
+                for other, info in shown.items())
         result = self.result(
             metric="Spearman(depth, invariance)", value=mean_rho, threshold=self.min_rho, rows=rows,
-            columns=["layer", "depth", "magnitude", "invariance"], message=message,
+            columns=["transform", "judged", "layer", "depth", "magnitude", "invariance"], message=message,
             details={"transform": self.transform, "magnitudes": list(mags), "layers": layers,
                      "rho_per_magnitude": rhos, "gain_per_magnitude": gains, "mean_gain": mean_gain,
                      "min_gain": self.min_gain, "samples": len(chosen),
-                     "invariance": {f"{m:g}": table[m] for m in mags}},
+                     "invariance": {f"{m:g}": table[m] for m in mags},
+                     "p_true_class": {f"{m:g}": p for m, p in sorted(prob.items())},
+                     "compare": {other: {k: v for k, v in info.items() if k != "table"}
+                                 for other, info in shown.items()}},
         )
         if result.status is Status.PASSED and not mean_gain >= self.min_gain:
             result.status = Status.FAILED
@@ -108,25 +178,41 @@ class InvarianceGrowsWithDepth(Check):
                               f"but the last layer gains only {mean_gain:+.3f} over the first (needs >= "
                               f"{self.min_gain:g}); " + message)
         series = {f"{self.transform} {m:g}{unit}": (depth, [table[m][name] for name in layers]) for m in mags}
-        svg = ev.line_chart_svg(series, title=f"Invariance to {self.transform} vs depth",
-                                x_label="depth (" + ", ".join(f"{d}={n}" for d, n in zip(depth, layers)) + ")",
+        x_label = "depth (" + ", ".join(f"{d}={n}" for d, n in zip(depth, layers)) + ")"
+        svg = ev.line_chart_svg(series, title=f"Invariance to {self.transform} vs depth", x_label=x_label,
                                 y_label="invariance")
         result.evidence = [ev.svg_evidence(
             f"Invariance to {self.transform} by layer", svg,
             "1 - mean distance to the transformed image / mean distance between images, per layer "
             "(1 = unchanged, 0 = as far as another image); one line per magnitude.")]
-        result.evidence += self._figure5(subject, images, labels, layers, table, unit)
+        result.evidence += self._figure5(layers, table, prob, unit)
+        if shown:
+            result.evidence.append(self._comparison(layers, depth, x_label, table, shown))
         return result
 
-    def _figure5(self, subject, images, labels, layers, table, unit):
+    def _comparison(self, layers, depth, x_label, table, shown):
+        """Invariance against depth, one line per transform at its representative (middle) magnitude."""
+        lines = {}
+        for name, mags, tab, judged in [(self.transform, self.used_magnitudes, table, True)] + [
+                (other, tuple(info["magnitudes"]), info["table"], False) for other, info in shown.items()]:
+            m = _representative(mags)
+            label = f"{name} {m:g}{_UNIT[name]} ({'judged' if judged else 'not judged'})"
+            lines[label] = (depth, [tab[m][layer] for layer in layers])
+        svg = ev.line_chart_svg(lines, title="Invariance vs depth per transform", x_label=x_label,
+                                y_label="invariance")
+        return ev.svg_evidence(
+            "Invariance vs depth per transform", svg,
+            f"Each transform at its middle magnitude. Only {self.transform} is judged; "
+            f"{', '.join(shown)} {'is' if len(shown) == 1 else 'are'} measured and shown, with no threshold.")
+
+    def _figure5(self, layers, table, prob, unit):
         """As Zeiler & Fergus figure 5: feature change of the first and last layer, and p(true class),
         against the transformation's magnitude (the identity included)."""
         identity = 1.0 if self.transform == "scale" else 0.0
         sweep = sorted(set(self.used_magnitudes) | {identity})
         change = {name: [0.0 if m == identity else 1.0 - table[m][name] for m in sweep]
                   for name in (layers[0], layers[-1])}
-        transform = fe.TRANSFORMS[self.transform]
-        probability = [float(subject.class_probability(transform(images, m), labels).mean()) for m in sweep]
+        probability = [prob[m] for m in sweep]  # from the forward passes of the invariance sweep
         x_label = f"{self.transform} magnitude ({unit or 'factor'})"
         change_svg = ev.line_chart_svg({name: (sweep, values) for name, values in change.items()},
                                        title=f"Feature change under {self.transform}", x_label=x_label,
@@ -146,7 +232,11 @@ class InvarianceGrowsWithDepth(Check):
 @dataclass
 class DeadUnits(Check):
     """A channel is dead when its output is <= 0 for every audit image and position; the check
-    passes when the largest share of dead channels over the subject's layers is <= max_dead."""
+    passes when the largest share of dead channels over the subject's layers is <= max_dead.
+
+    Evidence: the share per layer; the activation maps of every layer for audit sample `sample`
+    (at most max_maps channels per layer, dead ones outlined); the first RGB convolution's filters.
+    """
 
     kind = "dead-units"
     title = "Few dead units"
@@ -156,10 +246,17 @@ class DeadUnits(Check):
     )
 
     max_dead: float = 0.1
+    sample: int = 0
+    max_maps: int = 64
 
     def validate(self) -> None:
         if not 0.0 <= self.max_dead <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: max_dead must be in [0, 1], got {self.max_dead}")
+        if self.sample < 0:
+            raise CheckConfigError(f"check {self.name!r}: sample must be an index >= 0 into the audit set, "
+                                   f"got {self.sample}")
+        if self.max_maps < 1:
+            raise CheckConfigError(f"check {self.name!r}: max_maps must be >= 1, got {self.max_maps}")
 
     def run(self, subject, audit_set) -> CheckResult:
         layers = list(subject.layers)
@@ -167,6 +264,9 @@ class DeadUnits(Check):
             return self.error_result(f"model {subject.name!r} has no layers to inspect")
         if len(audit_set) == 0:
             return self.error_result(f"audit set {audit_set.name!r} is empty")
+        if self.sample >= len(audit_set):
+            return self.error_result(f"check {self.name!r}: sample {self.sample} is out of range; audit set "
+                                     f"{audit_set.name!r} has {len(audit_set)} samples (valid 0..{len(audit_set) - 1})")
         dead = fe.dead_units(subject, audit_set.images(), layers)
         rows = []
         for name in layers:
@@ -179,17 +279,125 @@ class DeadUnits(Check):
             rows.append({"layer": name, "channels": channels, "dead": len(idx),
                          "share": len(idx) / channels if channels else 0.0, "dead_channels": shown})
         worst = max(rows, key=lambda r: r["share"])
+        details = {"dead_per_layer": {r["layer"]: r["dead"] for r in rows},
+                   "dead_channels": {name: torch.nonzero(dead[name]).flatten().tolist() for name in layers}}
         result = self.result(
             metric="largest dead share", value=worst["share"], threshold=self.max_dead, direction="<=",
             rows=rows, columns=["layer", "channels", "dead", "share", "dead_channels"],
             message=(f"{len(audit_set)} images; worst layer {worst['layer']}: {worst['dead']} of "
                      f"{worst['channels']} channels dead ({worst['share']:.1%}); "
                      f"{sum(r['dead'] for r in rows)} dead channels over {len(layers)} layers"),
-            details={"dead_per_layer": {r["layer"]: r["dead"] for r in rows}},
+            details=details,
         )
         svg = ev.bar_chart_svg([r["layer"] for r in rows], [r["share"] for r in rows],
                                title="Share of dead channels per layer", threshold=self.max_dead,
                                direction="<=", y_label="dead share")
         result.evidence = [ev.svg_evidence("Dead channels per layer", svg,
                                            "Share of channels whose output is never positive on the audit set.")]
+        result.evidence += self._activation_maps(subject, audit_set, layers, dead, details)
+        result.evidence += self._first_filters(subject, details)
         return result
+
+    def _activation_maps(self, subject, audit_set, layers, dead, details):
+        """One PNG per layer: the sample beside its channel maps (CS231n's conv5 13 x 13 maps)."""
+        item = audit_set[self.sample]
+        image = item.image.unsqueeze(0)
+        maps = fe.layer_features(subject, image, layers, flatten=False)
+        label = audit_set.class_names[item.label] if item.label < len(audit_set.class_names) else item.label
+        out, skipped = [], {}
+        for name in layers:
+            value = maps[name][0]
+            if value.ndim != 3:
+                skipped[name] = f"output per image has shape {tuple(value.shape)}, not C x H x W"
+                continue
+            channels = value.shape[0]
+            shown = min(channels, self.max_maps)
+            grid = activation_grid(value[:shown], dead[name][:shown])
+            picture = ev.panel_grid([[ev.upscale(item.image, _zoom(item.image.shape[-2:], 96)), grid]],
+                                    titles=[[f"sample {self.sample}", f"{name}: {shown} of {channels} channels"]],
+                                    scale=1)
+            h, w = value.shape[-2:]
+            capped = (f"the first {shown} of {channels} channels are shown" if shown < channels
+                      else f"all {channels} channels")
+            out.append(ev.png_evidence(
+                f"Activation maps of {name} for sample {self.sample}", picture,
+                f"Sample {self.sample} ({item.id!r}, label {label}): each tile is one channel's {h} x {w} output "
+                f"map ({capped}, numbered, row by row), coloured on one scale for the whole layer (inferno, "
+                f"min {float(value.min()):.3g} to max {float(value.max()):.3g}). Channels dead on the whole "
+                f"audit set are outlined in red."))
+        details["activation_maps"] = {"sample": self.sample, "id": item.id, "skipped": skipped}
+        return out
+
+    def _first_filters(self, subject, details):
+        """The first nn.Conv2d with 3 input channels (module order): its filters as RGB tiles."""
+        found = next(((n, m) for n, m in subject.module.named_modules()
+                      if isinstance(m, nn.Conv2d) and m.weight.shape[1] == 3), None)
+        if found is None:
+            details["filters"] = "no nn.Conv2d with 3 input channels in the model; filter tiles skipped"
+            return []
+        name, conv = found
+        weight = conv.weight.detach().float().cpu()
+        shown = min(weight.shape[0], self.max_maps)
+        picture, zoom = filter_tiles(weight[:shown])
+        details["filters"] = {"layer": name, "shape": list(weight.shape), "shown": shown}
+        kh, kw = weight.shape[-2:]
+        return [ev.png_evidence(
+            f"First-layer filters ({name}, RGB)", picture,
+            f"{shown} of {weight.shape[0]} filters of {name} ({kh} x {kw} x 3), each scaled on its own to "
+            f"[0, 1] (its minimum over the 3 colour channels -> 0, its maximum -> 1), enlarged {zoom}x "
+            f"(nearest neighbour).")]
+
+
+def _zoom(size, target: int) -> int:
+    """Integer nearest-neighbour zoom that brings the larger side of `size` near `target` pixels (>= 1)."""
+    return max(1, round(target / max(int(size[0]), int(size[1]), 1)))
+
+
+def _tile_rows(tiles: list, titles: list[str]) -> tuple[list[list], list[list[str]]]:
+    """Tiles and titles laid out row by row, ceil(sqrt(n)) per row."""
+    cols = max(1, math.ceil(math.sqrt(len(tiles))))
+    return ([tiles[i : i + cols] for i in range(0, len(tiles), cols)],
+            [titles[i : i + cols] for i in range(0, len(titles), cols)])
+
+
+def _rgb_tiles(batch: torch.Tensor, zoom: int) -> list[Image.Image]:
+    """N x 3 x H x W values in [0, 1] as N RGB pictures enlarged `zoom` times (nearest), converted at once."""
+    arr = batch.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    h, w = arr.shape[1:3]
+    return [Image.fromarray(a).resize((w * zoom, h * zoom), Image.NEAREST) for a in arr]
+
+
+def activation_grid(maps: torch.Tensor, dead: torch.Tensor | None = None, *, tile: int = 48) -> Image.Image:
+    """C x H x W maps as a grid of inferno tiles on one shared scale (min..max of all maps), channel
+    numbers above, tiles of `dead` channels outlined in red; each tile enlarged to about `tile` px."""
+    maps = maps.detach().float().cpu()
+    c, h, w = maps.shape
+    zoom = _zoom((h, w), tile)
+    lo, hi = float(maps.min()), float(maps.max())
+    coloured = ev.colormap(maps.reshape(c * h, w), vmin=lo, vmax=hi).reshape(3, c, h, w).transpose(0, 1)
+    tiles = []
+    for k, pic in enumerate(_rgb_tiles(coloured, zoom)):
+        if dead is not None and bool(dead[k]):
+            ImageDraw.Draw(pic).rectangle([0, 0, pic.width - 1, pic.height - 1], outline=(220, 0, 0), width=2)
+        tiles.append(pic)
+    rows, titles = _tile_rows(tiles, [str(k) for k in range(c)])
+    return ev.panel_grid(rows, titles=titles, scale=1)
+
+
+def normalise_filters(weight: torch.Tensor) -> torch.Tensor:
+    """Each filter (dimension 0) mapped to [0, 1] by its own min and max over all its other dimensions:
+    (w - min) / (max - min); a constant filter becomes 0.5."""
+    weight = weight.detach().float().cpu()
+    dims = tuple(range(1, weight.ndim))
+    lo = weight.amin(dim=dims, keepdim=True)
+    span = weight.amax(dim=dims, keepdim=True) - lo
+    return torch.where(span > 0, (weight - lo) / span.clamp_min(1e-12), torch.full_like(weight, 0.5))
+
+
+def filter_tiles(weight: torch.Tensor, *, tile: int = 28) -> tuple[Image.Image, int]:
+    """O x 3 x kh x kw filters as numbered RGB tiles (normalise_filters), enlarged (nearest) by an integer
+    zoom to about `tile` px; returns (picture, zoom)."""
+    scaled = normalise_filters(weight)
+    zoom = _zoom(weight.shape[-2:], tile)
+    rows, titles = _tile_rows(_rgb_tiles(scaled, zoom), [str(k) for k in range(weight.shape[0])])
+    return ev.panel_grid(rows, titles=titles, scale=1), zoom

@@ -1,8 +1,12 @@
 """Layer features and the pixel-space transforms used to probe them.
 
 - ``layer_features``: the outputs of named layers for a batch of images,
-  computed in chunks of ``subject.batch_size`` under ``torch.no_grad()``,
-  moved to the CPU chunk by chunk; the hooks are always removed.
+  computed in chunks of ``subject.batch_size`` under ``torch.no_grad()``.
+  Each layer's output is copied, inside its forward hook, straight into one
+  preallocated N x ... float tensor on the CPU, so nothing else of the chunk
+  is kept (the model may free the activation as soon as its next layer ran),
+  and a value that a later in-place op (ReLU(inplace=True)) overwrites is
+  recorded as the layer produced it. The hooks are always removed.
 - ``translate`` / ``scale`` / ``rotate``: batched N x C x H x W transforms in
   pixel space; the border is filled by reflection and the output keeps the
   input size.
@@ -12,8 +16,9 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,44 +26,92 @@ import torch.nn.functional as F
 from auditkit.subject import AuditModelError
 
 Transform = Callable[[torch.Tensor, float], torch.Tensor]
+OnOutput = Callable[[str, int, torch.Tensor], None]
 
 
 # -- features -----------------------------------------------------------------
 
 
-def _feature_chunks(subject, images: torch.Tensor, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """For each chunk of at most subject.batch_size images: layer -> output of that chunk, on the CPU."""
+def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOutput) -> torch.Tensor:
+    """Feed `images` in chunks of subject.batch_size under no_grad; on each output of a layer call
+    on_output(layer, start, output) from inside its forward hook (start = index of the chunk's first image).
+    Returns the model's logits, N x classes float32 on the CPU (they come with the forward for free).
+
+    A layer called twice in one forward reports each call (the latest one last). Every layer must
+    give a tensor whose first dimension is the chunk's size. The hooks are Subject.forward_hook's,
+    removed when the sweep ends, even when the forward raises.
+    """
     layers = list(layers)
     n = images.shape[0]
     size = max(1, int(subject.batch_size))
-    for start in range(0, n, size):
-        chunk = images[start : start + size]
-        with torch.no_grad(), subject.capture(layers) as acts:
-            subject.forward(chunk)
-            missing = [name for name in layers if name not in acts]
+    seen: set[str] = set()
+    state = {"start": 0, "rows": 0}
+    logits = []
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, out) -> None:
+            if not isinstance(out, torch.Tensor):
+                return
+            if out.ndim == 0 or out.shape[0] != state["rows"]:
+                raise AuditModelError(
+                    f"model {subject.name!r}: layer {name!r} output has shape {tuple(out.shape)}; expected the "
+                    f"batch ({state['rows']} images) as its first dimension"
+                )
+            seen.add(name)
+            on_output(name, state["start"], out.detach())
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name in dict.fromkeys(layers):
+            stack.enter_context(subject.forward_hook(name, hook_for(name)))
+        for start in range(0, n, size):
+            chunk = images[start : start + size]
+            state["start"], state["rows"] = start, chunk.shape[0]
+            seen.clear()
+            with torch.no_grad():
+                logits.append(subject.forward(chunk).float().cpu())
+            missing = [name for name in layers if name not in seen]
             if missing:
                 raise AuditModelError(
                     f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
                     f"in the forward pass"
                 )
-            out = {name: acts[name].float().cpu() for name in layers}
-            acts.clear()
-        yield out
+    return torch.cat(logits) if logits else torch.empty(0, subject.spec.num_classes)
 
 
 def layer_features(subject, images: torch.Tensor, layers: Sequence[str], *, flatten: bool = True) -> dict[str, torch.Tensor]:
-    """Outputs of `layers` for all `images` (pixels in [0, 1]), layer -> N x ... float tensor on the CPU.
+    """Outputs of `layers` for all `images` (pixels in [0, 1]), layer -> N x ... float32 tensor on the CPU.
 
     With flatten=True each layer's output is N x D (D = product of the other
-    dimensions). Images are fed in chunks of subject.batch_size; only the
-    captured outputs are kept, and the forward hooks are removed even when
-    the forward raises.
+    dimensions). Images are fed in chunks of subject.batch_size; each output
+    is copied inside its forward hook into a tensor allocated once for all N
+    images, so the memory kept is the requested features and nothing more
+    (peak = one chunk's forward + the returned tensors). The forward hooks
+    are removed even when the forward raises.
     """
-    parts: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    for chunk in _feature_chunks(subject, images, layers):
-        for name, value in chunk.items():
-            parts[name].append(value.flatten(1) if flatten else value)
-    return {name: torch.cat(values) if values else torch.empty(0) for name, values in parts.items()}
+    return features_and_logits(subject, images, layers, flatten=flatten)[0]
+
+
+def features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], *,
+                        flatten: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(layer_features(...), the logits of the same forward passes, N x classes float32 on the CPU)."""
+    n = images.shape[0]
+    out: dict[str, torch.Tensor] = {}
+
+    def store(name: str, start: int, value: torch.Tensor) -> None:
+        value = value.flatten(1) if flatten else value
+        target = out.get(name)
+        if target is None:
+            target = out[name] = torch.empty((n, *value.shape[1:]), dtype=torch.float32)
+        elif target.shape[1:] != value.shape[1:]:
+            raise AuditModelError(
+                f"model {subject.name!r}: layer {name!r} output changed shape from {tuple(target.shape[1:])} "
+                f"to {tuple(value.shape[1:])} per image between calls; its features cannot be stacked"
+            )
+        target[start : start + value.shape[0]].copy_(value)
+
+    logits = _sweep(subject, images, layers, store)
+    return {name: out[name] if name in out else torch.empty(0) for name in layers}, logits
 
 
 # -- transforms ---------------------------------------------------------------
@@ -156,18 +209,28 @@ def _resolve(transform: str | Transform) -> Transform:
 # -- invariance ---------------------------------------------------------------
 
 
-def invariance_from_features(base: torch.Tensor, moved: torch.Tensor) -> float:
-    """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features."""
-    base, moved = base.double().flatten(1), moved.double().flatten(1)
-    n = base.shape[0]
+def mean_pairwise_distance(features: torch.Tensor) -> float:
+    """mean_{i != j} ||f_i - f_j|| (Euclidean, float64) over the rows of N x ... features, N >= 2:
+    the denominator of the invariance, computed once per layer and reused for every transform."""
+    f = features.double().flatten(1)
+    n = f.shape[0]
     if n < 2:
         raise ValueError(f"invariance needs at least 2 images, got {n}")
-    num = (base - moved).norm(dim=1).mean()
-    pair = torch.cdist(base, base)
-    off = ~torch.eye(n, dtype=torch.bool)
-    den = pair[off].mean()
+    pair = torch.cdist(f, f)
+    return float(pair[~torch.eye(n, dtype=torch.bool)].mean())
+
+
+def invariance_from_features(base: torch.Tensor, moved: torch.Tensor, spread: float | None = None) -> float:
+    """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features.
+
+    `spread` may hold mean_pairwise_distance(base), computed once for many `moved`.
+    """
+    if base.shape[0] < 2:
+        raise ValueError(f"invariance needs at least 2 images, got {base.shape[0]}")
+    num = (base.flatten(1).double() - moved.flatten(1).double()).norm(dim=1).mean()
     if num == 0:
         return 1.0
+    den = mean_pairwise_distance(base) if spread is None else spread
     return float(1.0 - num / den)
 
 
@@ -179,6 +242,7 @@ def invariance(
     magnitude: float,
     *,
     base: dict[str, torch.Tensor] | None = None,
+    spread: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Invariance of each layer's features to `transform` at `magnitude`, layer -> float.
 
@@ -193,33 +257,40 @@ def invariance(
     `transform` is "translate" (magnitude = horizontal shift in pixels),
     "scale" (magnitude = zoom factor), "rotate" (magnitude = degrees) or a
     callable (images, magnitude) -> images. `base` may hold the features of
-    the untransformed images (layer_features(..., flatten=True)) to reuse them.
+    the untransformed images (layer_features(..., flatten=True)) and `spread`
+    their mean_pairwise_distance per layer, to reuse them across calls.
     """
     fn = _resolve(transform)
     if base is None:
         base = layer_features(subject, images, layers)
     moved = layer_features(subject, fn(images, magnitude), layers)
-    return {name: invariance_from_features(base[name], moved[name]) for name in layers}
+    spread = spread or {}
+    return {name: invariance_from_features(base[name], moved[name], spread.get(name)) for name in layers}
 
 
 # -- dead units ---------------------------------------------------------------
 
 
 def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """layer -> C bool tensor: channel c is dead when its output is <= 0 for every image and position.
+    """layer -> C bool tensor: channel c is dead when its output is <= 0 for every image and position
+    (max over images, positions and calls of the layer <= 0).
 
     The channel is dimension 1 of the layer's output (N x C x ... ; for an
-    N x C output each column is a channel). The maximum is kept as a running
-    maximum over the chunks, so no features are stored.
+    N x C output each column is a channel). Each hook folds its output into a
+    running per-channel maximum, so no features are stored.
     """
+    if images.shape[0] == 0:
+        raise ValueError("dead_units needs at least one image, got an empty batch")
     peak: dict[str, torch.Tensor] = {}
-    for chunk in _feature_chunks(subject, images, layers):
-        for name, value in chunk.items():
-            if value.ndim < 2:
-                raise AuditModelError(
-                    f"model {subject.name!r}: layer {name!r} output has shape {tuple(value.shape)}; "
-                    "dead_units needs N x C (x ...)"
-                )
-            m = value.transpose(0, 1).flatten(1).amax(dim=1)
-            peak[name] = m if name not in peak else torch.maximum(peak[name], m)
+
+    def fold(name: str, _start: int, value: torch.Tensor) -> None:
+        if value.ndim < 2:
+            raise AuditModelError(
+                f"model {subject.name!r}: layer {name!r} output has shape {tuple(value.shape)}; "
+                "dead_units needs N x C (x ...)"
+            )
+        m = value.transpose(0, 1).flatten(1).amax(dim=1).float().cpu()
+        peak[name] = m if name not in peak else torch.maximum(peak[name], m)
+
+    _sweep(subject, images, layers, fold)
     return {name: peak[name] <= 0 for name in layers}
