@@ -127,6 +127,9 @@ DEFAULT_SUITE: tuple[dict[str, Any], ...] = (
     {"kind": "invariance-grows-with-depth", "compare": ["rotate"]},
     {"kind": "invariance-grows-with-depth", "name": "invariance-scale", "transform": "scale"},
     {"kind": "dead-units"},
+    {"kind": "feature-neighbours"},
+    {"kind": "class-separation"},
+    {"kind": "max-activating-patches"},
 )
 
 
