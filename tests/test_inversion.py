@@ -1,11 +1,12 @@
+import pytest
 import torch
 from torch import nn
 
 from auditkit import AuditSet, ModelSpec, Sample
-from auditkit.checks.base import Status
+from auditkit.checks.base import CheckConfigError, Status
 from auditkit.checks.inversion import ZERO_NORM_REASON, InversionConverges
-from auditkit.methods.inversion import invert
-from auditkit.subject import Subject
+from auditkit.methods.inversion import invert, invert_layers
+from auditkit.subject import AuditModelError, Subject
 
 
 class Probe(nn.Module):
@@ -103,4 +104,33 @@ def test_identity_check_passes_and_writes_evidence():
     assert result.status is Status.PASSED, result.message
     row = result.rows[0]
     assert row["pixel_rmse"] < 0.05 and {"random_final_error", "random_pixel_rmse"} <= set(row)
-    assert len(result.evidence) == 2
+    assert [e.title for e in result.evidence] == ["Feature inversion", "Inversion loss curves",
+                                                  "Pixel distance to the original"]
+    assert result.evidence[1].media_type == "image/svg+xml" and b"<svg" in result.evidence[1].data
+
+
+def test_layers_are_inverted_together_each_group_at_its_own_layer():
+    """One batch of (layers x images): the identity layer's group recovers the pixels, while the head's group
+    (2 numbers per image) only matches its own two features, so it stays far from the pixels."""
+    images = smooth_images()
+    with Subject(probe_spec(), device="cpu") as subject:
+        res = invert_layers(subject, images, ["feat", "head"], steps=150, lr=0.1, parametrisation="sigmoid")
+    assert list(res) == ["feat", "head"]
+    feat, head = res["feat"], res["head"]
+    assert feat.reconstructions.shape == head.reconstructions.shape == images.shape
+    assert feat.curves["total"].shape == head.curves["total"].shape == (150, 2)
+    assert (feat.final_error < 0.1).all() and (head.final_error < 0.1).all()
+    rmse = lambda r: ((r.reconstructions - images) ** 2).flatten(1).mean(1).sqrt()
+    assert (rmse(feat) < 0.05).all() and (rmse(head) > 0.1).all()
+    with pytest.raises(AuditModelError, match="no layer 'nope'"):
+        invert_layers(subject, images, ["feat", "nope"], steps=2)
+
+
+def test_check_errors_name_the_parameter():
+    with pytest.raises(CheckConfigError, match="final_lr_ratio"):
+        InversionConverges(final_lr_ratio=0.0)
+    with pytest.raises(CheckConfigError, match="parametrisation"):
+        InversionConverges(parametrisation="pixels")
+    with Subject(probe_spec(), device="cpu") as subject:
+        result = InversionConverges(layers=("nope",), steps=10).execute(subject, probe_set())
+    assert result.status is Status.ERROR and "'nope'" in result.message and "feat" in result.message

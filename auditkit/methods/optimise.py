@@ -1,0 +1,191 @@
+"""One optimiser loop for images, shared by feature inversion, texture synthesis and class visualisation.
+
+A method supplies only its objective: a function of a pixel batch (N x C x H x W, in [0, 1], on the
+device) returning a dict of per-image terms (each a tensor of N values). The key "total" is the loss
+that is minimised (its sum over the batch, so every image gets its own gradient); the other keys are
+recorded as curves too. The loop owns everything else:
+
+- parametrisation: pixels are never clipped. "sigmoid": x = sigmoid(z), z an unconstrained tensor the
+  shape of the images. "fourier": x = sigmoid(irfft2(s * w) * 4), s a complex spectrum per channel and
+  w(f) = 1 / max(f, 1 / max(H, W))^decay the 1/f weight of natural images (Lucid's `fft_image`; the
+  colour decorrelation Lucid adds is ImageNet-specific and left out). Either way x stays in (0, 1) at
+  every step and gradients never vanish at a clip boundary; the start is seeded noise whose logits have
+  standard deviation `init_scale`;
+- Adam, with a cosine learning-rate schedule from `lr` down to `lr * final_lr_ratio` over `steps`. The
+  small final rate makes the last steps settle, so a converged loss plateaus; whether the result is any
+  good is judged on the objective's own error, not on the plateau;
+- optional jitter: at each step the objective sees the batch rolled by a random shift of up to `jitter`
+  pixels in each direction (one shift for the whole batch, drawn from the seeded generator);
+- per-term, per-image loss curves (steps_done x N, on the CPU);
+- NaN / inf detection: a non-finite "total" stops the loop at that step; `diverged` marks the images
+  whose total was not finite and `diverged_step` is the step. The images returned are those of that step.
+
+Everything is batched: one objective call (so one forward and one backward) per step for the whole batch.
+`forward_to` gives an objective the outputs of named layers and stops the forward once all are computed.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from auditkit.subject import AuditModelError
+
+Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Parametrisation = Literal["sigmoid", "fourier"]
+
+
+@dataclass
+class OptimiseResult:
+    """The optimised images and how the loss got there."""
+
+    images: torch.Tensor  # N x C x H x W, pixels in [0, 1], CPU
+    curves: dict[str, torch.Tensor]  # term -> steps_done x N, float32, CPU
+    diverged: torch.Tensor  # N bool: "total" became NaN / inf
+    diverged_step: int | None  # the step at which the loop stopped, None if it ran to the end
+    steps: int  # steps run (objective evaluations)
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once every requested layer output is captured (never escapes forward_to)."""
+
+
+def forward_to(subject, pixels: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Outputs of `layers` (layer -> tensor, with autograd as the caller's context allows) for `pixels`.
+
+    The forward stops as soon as every layer has produced its output (a hook raises a private exception
+    that is caught here), so layers after the deepest one requested, and the head, are never run. A layer
+    called more than once in a forward contributes its first output. The hooks are Subject.forward_hook's,
+    removed even when the forward raises.
+    """
+    wanted = list(dict.fromkeys(layers))
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            if name not in captured and isinstance(output, torch.Tensor):
+                captured[name] = output
+                if len(captured) == len(wanted):
+                    raise _Stop
+        return hook
+
+    with ExitStack() as stack:
+        for name in wanted:
+            stack.enter_context(subject.forward_hook(name, hook_for(name)))
+        try:
+            subject.forward(pixels)
+        except _Stop:
+            pass
+    missing = [name for name in wanted if name not in captured]
+    if missing:
+        raise AuditModelError(f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no "
+                              f"tensor output in the forward pass")
+    return captured
+
+
+def _frequency_weight(h: int, w: int, decay: float, device: torch.device) -> torch.Tensor:
+    """1 / max(f, 1 / max(h, w))^decay on the rfft2 grid (h x (w // 2 + 1)), f in cycles per pixel."""
+    fy = torch.fft.fftfreq(h, device=device).view(-1, 1)
+    fx = torch.fft.rfftfreq(w, device=device).view(1, -1)
+    f = torch.sqrt(fy * fy + fx * fx)
+    return 1.0 / f.clamp(min=1.0 / max(h, w)).pow(decay)
+
+
+class _Pixels:
+    """The optimised parameter and its map to pixels in (0, 1)."""
+
+    def __init__(self, shape: tuple[int, ...], parametrisation: str, init_scale: float, decay: float,
+                 generator: torch.Generator, device: torch.device):
+        n, c, h, w = shape
+        self.kind, self.hw = parametrisation, (h, w)
+        if parametrisation == "sigmoid":
+            self.param = (init_scale * torch.randn(shape, generator=generator)).to(device)
+        elif parametrisation == "fourier":
+            self.weight = _frequency_weight(h, w, decay, device)
+            # spectrum entries drawn so that the initial logits have about `init_scale` standard deviation
+            spec = torch.randn((n, c, h, w // 2 + 1, 2), generator=generator).to(device)
+            rms = torch.fft.irfft2(torch.view_as_complex(spec) * self.weight, s=(h, w)).std()
+            self.param = spec * (init_scale / (4.0 * float(rms)))
+        else:
+            raise ValueError(f"parametrisation must be 'sigmoid' or 'fourier', got {parametrisation!r}")
+        self.param.requires_grad_(True)
+
+    def pixels(self) -> torch.Tensor:
+        if self.kind == "sigmoid":
+            return torch.sigmoid(self.param)
+        return torch.sigmoid(4.0 * torch.fft.irfft2(torch.view_as_complex(self.param) * self.weight, s=self.hw))
+
+
+def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: float = 0.05,
+             final_lr_ratio: float = 0.01, jitter: int = 0, parametrisation: Parametrisation = "sigmoid",
+             init_scale: float = 0.5, decay: float = 1.0, seed: int = 0,
+             device: str | torch.device = "cpu") -> OptimiseResult:
+    """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise.
+
+    See the module doc for the parametrisation, schedule, jitter and divergence rules.
+    """
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"shape must be N x C x H x W with every size >= 1, got {tuple(shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 < final_lr_ratio <= 1:
+        raise ValueError(f"final_lr_ratio must be in (0, 1], got {final_lr_ratio}")
+    if jitter < 0:
+        raise ValueError(f"jitter must be >= 0, got {jitter}")
+    device = torch.device(device)
+    n = int(shape[0])
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    params = _Pixels(tuple(int(s) for s in shape), parametrisation, init_scale, decay, gen, device)
+    opt = torch.optim.Adam([params.param], lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * final_lr_ratio)
+
+    curves: dict[str, list[torch.Tensor]] = {}
+    diverged = torch.zeros(n, dtype=torch.bool)
+    diverged_step = None
+    done = 0
+    with torch.enable_grad():
+        for step in range(steps):
+            x = params.pixels()
+            if jitter:
+                dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
+                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+            terms = objective(x)
+            if step == 0:
+                _check_terms(terms, n)
+            for key, value in terms.items():
+                curves.setdefault(key, []).append(value.detach().float())
+            done = step + 1
+            bad = ~torch.isfinite(terms["total"].detach())
+            if bool(bad.any()):
+                diverged, diverged_step = bad.cpu(), step
+                break
+            opt.zero_grad(set_to_none=True)
+            terms["total"].sum().backward()
+            opt.step()
+            sched.step()
+    with torch.no_grad():
+        images = params.pixels().detach().float().cpu()
+    stacked = {k: torch.stack(v).cpu() for k, v in curves.items()}
+    return OptimiseResult(images=images, curves=stacked, diverged=diverged, diverged_step=diverged_step, steps=done)
+
+
+def _check_terms(terms: object, n: int) -> None:
+    if not isinstance(terms, dict) or "total" not in terms:
+        keys = f" with keys {sorted(terms)}" if isinstance(terms, dict) else ""
+        raise ValueError("the objective must return a dict of per-image terms with a 'total' key, "
+                         f"got {type(terms).__name__}{keys}")
+    for key, value in terms.items():
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (n,):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"objective term {key!r} must be a tensor of {n} per-image values, got {got}")
+
+
+def relative_fall(curve: torch.Tensor, start: int, end: int = -1) -> float:
+    """(curve[start] - curve[end]) / curve[start] for a 1-D curve; NaN when curve[start] <= 0 or not finite."""
+    first, last = float(curve[start]), float(curve[end])
+    return (first - last) / first if first > 0 and math.isfinite(first) else math.nan

@@ -1,0 +1,263 @@
+"""The shared optimiser loop, Gram-matrix texture synthesis and class visualisation."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from auditkit import ModelSpec
+from auditkit.checks.base import CheckConfigError, Status
+from auditkit.checks.inversion import InversionConverges, class_round_robin, convergence_reasons
+from auditkit.checks.synthesis import ClassVisualisation, TextureSynthesisConverges
+from auditkit.demo import demo_model, shapes_dataset
+from auditkit.methods.inversion import alpha_norm, total_variation
+from auditkit.methods.optimise import forward_to, optimise
+from auditkit.methods.synthesis import gram_matrix, synthesise_texture, visualise_classes
+from auditkit.subject import Subject
+
+
+# -- closed forms -----------------------------------------------------------------
+
+
+def test_gram_matrix_of_a_known_tensor():
+    f = torch.tensor([[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [1.0, 0.0]]]).view(2, 2, 1, 2)  # N=2, C=2, 1x2
+    g = gram_matrix(f)
+    # image 0: rows (1, 2) and (3, 4): F F^T = [[5, 11], [11, 25]], over M = 2 positions
+    assert torch.allclose(g[0], torch.tensor([[2.5, 5.5], [5.5, 12.5]]))
+    assert torch.allclose(g[1], torch.tensor([[0.5, 0.0], [0.0, 0.5]]))
+    with pytest.raises(ValueError, match="N x C"):
+        gram_matrix(torch.ones(3, 4))
+
+
+def test_total_variation_and_alpha_norm_closed_forms():
+    ramp = (0.1 * torch.arange(5.0)).view(1, 1, 1, 5).expand(2, 3, 5, 5).clone()  # dx = 0.1, dy = 0
+    assert torch.allclose(total_variation(ramp, 2.0), torch.full((2,), 0.01))
+    assert torch.allclose(total_variation(ramp, 1.0), torch.full((2,), 0.1), atol=1e-5)
+    diag = ramp + ramp.transpose(-1, -2)  # dx = dy = 0.1: (dx^2 + dy^2)^(beta/2)
+    assert torch.allclose(total_variation(diag, 1.0), torch.full((2,), math.sqrt(0.02)), atol=1e-5)
+    const = torch.full((1, 3, 4, 4), 0.8)
+    assert torch.allclose(alpha_norm(const, 6.0), torch.tensor([0.3 ** 6]))
+    assert torch.allclose(total_variation(const, 2.0), torch.zeros(1))
+
+
+def test_convergence_rule_on_known_curves():
+    settled = torch.tensor([1.0] + [0.1] * 19)
+    drop, fall, reasons = convergence_reasons(settled, 0.2, max_error=0.5, min_drop=0.5, plateau=0.01)
+    assert drop == pytest.approx(0.9) and fall == 0 and reasons == []
+    falling = torch.linspace(1.0, 0.1, 20)  # still falling: (0.1947 - 0.1) / 0.1947 over the last 2 steps
+    _, fall, reasons = convergence_reasons(falling, 0.2, max_error=0.5, min_drop=0.5, plateau=0.01)
+    assert fall == pytest.approx((falling[-3] - 0.1) / falling[-3]) and "still falling" in reasons[0]
+    assert "diverged" in convergence_reasons(torch.tensor([1.0, 2.0, 2.0]), 0.1, max_error=1, min_drop=0,
+                                             plateau=1)[2][0]
+    assert "NaN" in convergence_reasons(torch.tensor([1.0, math.nan]), 0.1, max_error=1, min_drop=0, plateau=1)[2][0]
+    assert "max_error" in convergence_reasons(settled, 0.7, max_error=0.5, min_drop=0.5, plateau=0.01)[2][0]
+
+
+def test_class_round_robin_covers_every_class_first():
+    labels = torch.tensor([2, 2, 0, 2, 1, 0])
+    assert class_round_robin(labels, 3) == [0, 2, 4]
+    assert class_round_robin(labels, 4) == [0, 1, 2, 4]
+    assert class_round_robin(labels, 0) == list(range(6))
+
+
+# -- the loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("parametrisation", ["sigmoid", "fourier"])
+def test_loop_reaches_the_optimum_of_a_quadratic(parametrisation):
+    target = torch.linspace(0.1, 0.9, 3 * 8 * 8).view(1, 3, 8, 8).repeat(2, 1, 1, 1)
+    target[1] = 1 - target[1]
+
+    def objective(x):
+        err = (x - target).pow(2).flatten(1).mean(1)
+        return {"err": err, "total": err}
+
+    run = optimise(objective, (2, 3, 8, 8), steps=150, lr=0.1, parametrisation=parametrisation)
+    assert run.steps == 150 and run.diverged_step is None and not run.diverged.any()
+    assert run.curves["total"].shape == (150, 2) and set(run.curves) == {"err", "total"}
+    assert (run.images - target).abs().max() < 0.02
+    assert (run.curves["total"][-1] < 1e-3 * run.curves["total"][0]).all()
+
+
+def test_pixels_stay_in_range_and_jitter_rolls_the_batch():
+    seen = []
+
+    def objective(x):
+        seen.append(x.detach().clone())
+        score = (x * torch.arange(x.shape[-1], dtype=x.dtype)).flatten(1).sum(1)  # pushes pixels to 0 or 1
+        return {"total": -score}
+
+    for parametrisation in ("sigmoid", "fourier"):
+        seen.clear()
+        run = optimise(objective, (3, 3, 6, 6), steps=30, lr=5.0, jitter=2, parametrisation=parametrisation)
+        assert run.images.shape == (3, 3, 6, 6) and run.images.device.type == "cpu"
+        assert all(0 <= float(s.min()) and float(s.max()) <= 1 for s in seen)
+        assert run.images.min() >= 0 and run.images.max() <= 1
+    # the objective saw rolled copies: the first view is a roll of the initial image by at most 2 pixels
+    init = optimise(lambda x: {"total": x.sum((1, 2, 3)) * 0}, (3, 3, 6, 6), steps=1, lr=1e-9).images
+    seen.clear()
+    optimise(objective, (3, 3, 6, 6), steps=1, lr=1e-9, jitter=2)
+    rolls = [torch.roll(init, (dy, dx), (-2, -1)) for dy in range(-2, 3) for dx in range(-2, 3)]
+    assert any(torch.allclose(seen[0], r, atol=1e-6) for r in rolls)
+
+
+def test_nan_objective_marks_the_images_and_the_step():
+    def objective(x):
+        total = x.flatten(1).mean(1)
+        if len(calls) == 4:
+            total = total * torch.tensor([1.0, math.nan, 1.0])
+        calls.append(1)
+        return {"total": total}
+
+    calls = []
+    run = optimise(objective, (3, 3, 4, 4), steps=20)
+    assert run.diverged.tolist() == [False, True, False] and run.diverged_step == 4 and run.steps == 5
+    assert run.curves["total"].shape == (5, 3) and torch.isfinite(run.images).all()
+
+
+def test_bad_objective_or_arguments_are_named():
+    with pytest.raises(ValueError, match="'total'"):
+        optimise(lambda x: {"loss": x.sum((1, 2, 3))}, (2, 3, 4, 4), steps=2)
+    with pytest.raises(ValueError, match="'extra'.*2 per-image"):
+        optimise(lambda x: {"total": x.sum((1, 2, 3)), "extra": x.sum()}, (2, 3, 4, 4), steps=2)
+    with pytest.raises(ValueError, match="parametrisation"):
+        optimise(lambda x: {"total": x.sum((1, 2, 3))}, (2, 3, 4, 4), steps=2, parametrisation="pixels")
+    with pytest.raises(ValueError, match="steps"):
+        optimise(lambda x: {"total": x.sum((1, 2, 3))}, (2, 3, 4, 4), steps=0)
+
+
+# -- model side -------------------------------------------------------------------
+
+
+class Exploding(nn.Module):
+    """conv -> relu; the head raises, so only a forward that stops early can succeed."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        f = torch.relu(self.bn(self.conv(x)))
+        raise RuntimeError(f"the head must not run (features {tuple(f.shape)})")
+
+
+def exploding_spec():
+    return ModelSpec(module=Exploding().train(), class_names=["a", "b"], input_size=(8, 8), layers=["conv", "bn"],
+                     name="exploding")
+
+
+def test_forward_to_stops_after_the_last_layer_and_leaves_the_model_unchanged():
+    spec = exploding_spec()
+    module = spec.module
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    x = torch.rand(2, 3, 8, 8)
+    with Subject(spec, device="cpu") as subject:
+        acts = forward_to(subject, x, ["bn", "conv"])
+        assert set(acts) == {"conv", "bn"} and acts["bn"].shape == (2, 4, 8, 8)
+
+        def objective(px):
+            forward_to(subject, px, ["conv"])
+            raise KeyError("objective failed")
+
+        with pytest.raises(KeyError, match="objective failed"):
+            optimise(objective, (2, 3, 8, 8), steps=3)
+        with pytest.raises(RuntimeError, match="head must not run"):
+            forward_to(subject, x, ["head"])  # never reached: the model's own error comes through
+        for sub in module.modules():
+            assert not sub._forward_hooks and not sub._forward_pre_hooks
+    assert module.training and all(p.requires_grad for p in module.parameters())
+    assert all(p.grad is None for p in module.parameters())
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_texture_matches_the_gram_matrix_of_a_single_layer():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1))
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+    spec = ModelSpec(module=nn.Sequential(conv, head), class_names=["a", "b"], input_size=(8, 8), layers=["0"],
+                     name="one-conv")
+    source = torch.rand(2, 3, 8, 8)
+    with Subject(spec, device="cpu") as subject:
+        res = synthesise_texture(subject, source, ["0"], steps=80, lr=0.1, lambda_tv=0.0)
+    assert res.final_error["0"].shape == (2,) and (res.final_error["0"] < 0.1).all(), res.final_error
+    assert res.curves["gram:0"].shape == (80, 2) and torch.allclose(res.curves["gram"], res.curves["gram:0"])
+
+
+# -- the demo, with the default parameters ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_results():
+    """Each check once on the demo. inversion-converges skips its random-weights baseline, which is evidence
+    only (never judged), to halve the cost; benchmarks/synthesis.py runs it in full."""
+    spec, data = demo_model(), shapes_dataset()
+    checks = [InversionConverges(random_baseline=False), ClassVisualisation(), TextureSynthesisConverges()]
+    with Subject(spec, device="cpu") as subject:
+        return {c.kind: c.execute(subject, data) for c in checks}
+
+
+def test_demo_passes_inversion_converges(demo_results):
+    result = demo_results["inversion-converges"]
+    assert result.status is Status.PASSED, result.message + (result.error or "")
+    errors = [r["final_error"] for r in result.rows]
+    assert [r["layer"] for r in result.rows] == ["stage1", "stage2", "stage3", "stage4"]
+    assert max(errors) <= 0.45 and all(r["last_tenth_fall"] < 0.008 for r in result.rows)  # margins measured
+    rmse = [r["pixel_rmse"] for r in result.rows]
+    assert rmse == sorted(rmse) and result.details["pixel_rmse_grows_with_depth"]  # shallow is more faithful
+    assert len(result.evidence) == 3
+
+
+def test_demo_passes_class_visualisation(demo_results):
+    result = demo_results["class-visualisation"]
+    assert result.status is Status.PASSED, result.message + (result.error or "")
+    assert [r["class"] for r in result.rows] == list(demo_model().class_names)
+    assert min(r["probability"] for r in result.rows) >= 0.99
+    assert len(result.evidence) == 2
+
+
+def test_demo_passes_texture_synthesis(demo_results):
+    result = demo_results["texture-synthesis-converges"]
+    assert result.status is Status.PASSED, result.message + (result.error or "")
+    assert max(r["gram_error"] for r in result.rows) <= 0.35
+    assert len(result.evidence) == 2 and result.evidence[0].media_type == "image/png"
+
+
+def test_class_visualisation_reports_an_unreachable_class():
+    """A model whose class 'b' logit is pinned far below 'a' cannot be visualised for 'b'."""
+
+    class Pinned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 1, 1)
+
+        def forward(self, x):
+            m = self.conv(x).mean((1, 2, 3))
+            return torch.stack([torch.zeros_like(m) + 10.0, torch.tanh(m)], 1)
+
+    spec = ModelSpec(module=Pinned(), class_names=["a", "b"], input_size=(8, 8), layers=["conv"], name="pinned")
+    with Subject(spec, device="cpu") as subject:
+        result = ClassVisualisation(steps=10).execute(subject, None)
+        unknown = ClassVisualisation(classes=("zebra",), steps=10).execute(subject, None)
+    assert result.status is Status.FAILED and result.value == 0.5
+    assert result.rows[1]["class"] == "b" and "min_prob" in result.rows[1]["reason"]
+    assert unknown.status is Status.ERROR and "'zebra'" in unknown.message and "classes a, b" in unknown.message
+    with pytest.raises(CheckConfigError, match="min_prob"):
+        ClassVisualisation(min_prob=2.0)
+    with pytest.raises(CheckConfigError, match="plateau"):
+        TextureSynthesisConverges(plateau=-1.0)
+
+
+@pytest.mark.gpu
+def test_loop_and_inversion_run_on_cuda():
+    target = torch.full((2, 3, 8, 8), 0.3, device="cuda")
+    run = optimise(lambda x: {"total": (x - target).pow(2).flatten(1).mean(1)}, (2, 3, 8, 8), steps=100,
+                   lr=0.1, device="cuda", parametrisation="fourier", jitter=1)
+    assert run.images.device.type == "cpu" and (run.images - 0.3).abs().max() < 0.05
+    spec, data = demo_model(), shapes_dataset()
+    with Subject(spec, device="cuda") as subject:
+        vis = visualise_classes(subject, steps=20)
+        result = InversionConverges(samples=2, random_baseline=False).execute(subject, data)
+    assert vis.images.device.type == "cpu" and vis.probability.shape == (5,)
+    assert result.status is Status.PASSED, result.message + (result.error or "")
