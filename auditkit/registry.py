@@ -130,6 +130,9 @@ DEFAULT_SUITE: tuple[dict[str, Any], ...] = (
     {"kind": "feature-neighbours"},
     {"kind": "class-separation"},
     {"kind": "max-activating-patches"},
+    {"kind": "inversion-converges"},
+    {"kind": "class-visualisation"},
+    {"kind": "texture-synthesis-converges"},
 )
 
 
