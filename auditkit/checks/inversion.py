@@ -17,6 +17,44 @@ from auditkit.methods.randomisation import random_copy
 ZERO_NORM_REASON = "layer output is constant (zero norm)"
 
 
+def require_unit(check: Check, *names: str) -> None:
+    """CheckConfigError unless each named parameter lies in [0, 1]."""
+    for field_name in names:
+        value = getattr(check, field_name)
+        if not 0.0 <= value <= 1.0:
+            raise CheckConfigError(f"check {check.name!r}: {field_name} must be in [0, 1], got {value}")
+
+
+def require_at_least(check: Check, **minimums: float) -> None:
+    """CheckConfigError unless each named parameter is >= its minimum."""
+    for field_name, minimum in minimums.items():
+        value = getattr(check, field_name)
+        if not value >= minimum:
+            raise CheckConfigError(f"check {check.name!r}: {field_name} must be >= {minimum:g}, got {value}")
+
+
+def validate_convergence_params(check: Check) -> None:
+    """The parameters inversion-converges and texture-synthesis-converges share."""
+    require_at_least(check, steps=10, samples=0, lr=1e-12, max_error=0, final_lr_ratio=1e-12)
+    require_unit(check, "min_drop", "plateau", "final_lr_ratio")
+    if check.parametrisation not in ("fourier", "sigmoid"):
+        raise CheckConfigError(f"check {check.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
+                               f"got {check.parametrisation!r}")
+
+
+def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...], list[int], torch.Tensor]:
+    """(layers, sample indices, images) for an optimisation check: its `layers` or every named layer (each
+    validated, unknown ones listing the valid names), and `samples` images taken class by class."""
+    layers = tuple(dict.fromkeys(check.layers or subject.layers))
+    if not layers:
+        raise CheckConfigError(f"check {check.name!r}: model {subject.name!r} has no named layers; "
+                               f"name them with the `layers` parameter")
+    for layer in layers:
+        subject.layer(layer)
+    indices = class_round_robin(audit_set.labels(), check.samples)
+    return layers, indices, audit_set.subset(indices).images()
+
+
 def class_round_robin(labels: torch.Tensor, samples: int) -> list[int]:
     """`samples` indices (all when samples <= 0), taking the classes in turn (in order of first appearance),
     the first unused image of each, so a handful of samples covers every class; sorted."""
@@ -106,23 +144,7 @@ class InversionConverges(Check):
     seed: int = 0
 
     def validate(self) -> None:
-        if self.steps < 10:
-            raise CheckConfigError(f"check {self.name!r}: steps must be >= 10, got {self.steps}")
-        if self.samples < 0:
-            raise CheckConfigError(f"check {self.name!r}: samples must be >= 0 (0 = all images), got {self.samples}")
-        if not self.lr > 0:
-            raise CheckConfigError(f"check {self.name!r}: lr must be > 0, got {self.lr}")
-        if not 0 < self.final_lr_ratio <= 1:
-            raise CheckConfigError(f"check {self.name!r}: final_lr_ratio must be in (0, 1], got {self.final_lr_ratio}")
-        if self.parametrisation not in ("fourier", "sigmoid"):
-            raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
-                                   f"got {self.parametrisation!r}")
-        if self.max_error < 0:
-            raise CheckConfigError(f"check {self.name!r}: max_error must be >= 0, got {self.max_error}")
-        for field_name in ("min_drop", "plateau"):
-            value = getattr(self, field_name)
-            if not 0.0 <= value <= 1.0:
-                raise CheckConfigError(f"check {self.name!r}: {field_name} must be in [0, 1], got {value}")
+        validate_convergence_params(self)
 
     def _invert(self, subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, inv.InversionResult]:
         return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.lr,
@@ -132,14 +154,7 @@ class InversionConverges(Check):
     def run(self, subject, audit_set) -> CheckResult:
         from auditkit.subject import Subject
 
-        layers = tuple(dict.fromkeys(self.layers or subject.layers))
-        if not layers:
-            raise CheckConfigError(f"check {self.name!r}: model {subject.name!r} has no layers to invert; "
-                                   f"name them with the `layers` parameter")
-        for layer in layers:
-            subject.layer(layer)  # unknown layers fail here, listing the valid ones
-        indices = class_round_robin(audit_set.labels(), self.samples)
-        images = audit_set.subset(indices).images()
+        layers, indices, images = layers_and_sources(self, subject, audit_set)
 
         results = self._invert(subject, images, layers)
         randoms: dict[str, inv.InversionResult] = {}

@@ -9,22 +9,9 @@ import torch
 
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult
-from auditkit.checks.inversion import class_round_robin, convergence_reasons
+from auditkit.checks.inversion import (convergence_reasons, layers_and_sources, require_at_least, require_unit,
+                                      validate_convergence_params)
 from auditkit.methods import synthesis as syn
-
-
-def _check_unit(check: Check, *names: str) -> None:
-    for field_name in names:
-        value = getattr(check, field_name)
-        if not 0.0 <= value <= 1.0:
-            raise CheckConfigError(f"check {check.name!r}: {field_name} must be in [0, 1], got {value}")
-
-
-def _check_positive(check: Check, **minimums: float) -> None:
-    for field_name, minimum in minimums.items():
-        value = getattr(check, field_name)
-        if not value >= minimum:
-            raise CheckConfigError(f"check {check.name!r}: {field_name} must be >= {minimum:g}, got {value}")
 
 
 @dataclass
@@ -54,8 +41,8 @@ class ClassVisualisation(Check):
     seed: int = 0
 
     def validate(self) -> None:
-        _check_positive(self, steps=1, lr=1e-12, lambda_l2=0, jitter=0, decay=0)
-        _check_unit(self, "min_prob")
+        require_at_least(self, steps=1, lr=1e-12, lambda_l2=0, jitter=0, decay=0)
+        require_unit(self, "min_prob")
         if self.parametrisation not in ("fourier", "sigmoid"):
             raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
                                    f"got {self.parametrisation!r}")
@@ -135,21 +122,10 @@ class TextureSynthesisConverges(Check):
     seed: int = 0
 
     def validate(self) -> None:
-        _check_positive(self, steps=10, samples=0, lr=1e-12, max_error=0, final_lr_ratio=1e-12)
-        _check_unit(self, "min_drop", "plateau", "final_lr_ratio")
-        if self.parametrisation not in ("fourier", "sigmoid"):
-            raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
-                                   f"got {self.parametrisation!r}")
+        validate_convergence_params(self)
 
     def run(self, subject, audit_set) -> CheckResult:
-        layers = tuple(dict.fromkeys(self.layers or subject.layers))
-        if not layers:
-            raise CheckConfigError(f"check {self.name!r}: model {subject.name!r} has no layers; name them with "
-                                   f"the `layers` parameter")
-        for layer in layers:
-            subject.layer(layer)
-        indices = class_round_robin(audit_set.labels(), self.samples)
-        images = audit_set.subset(indices).images()
+        layers, indices, images = layers_and_sources(self, subject, audit_set)
         res = syn.synthesise_texture(subject, images, layers, steps=self.steps, lr=self.lr,
                                      final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
                                      seed=self.seed)
