@@ -33,15 +33,6 @@ def require_at_least(check: Check, **minimums: float) -> None:
             raise CheckConfigError(f"check {check.name!r}: {field_name} must be >= {minimum:g}, got {value}")
 
 
-def validate_convergence_params(check: Check) -> None:
-    """The parameters inversion-converges and texture-synthesis-converges share."""
-    require_at_least(check, steps=10, samples=0, lr=1e-12, max_error=0, final_lr_ratio=1e-12)
-    require_unit(check, "min_drop", "plateau", "final_lr_ratio")
-    if check.parametrisation not in ("fourier", "sigmoid"):
-        raise CheckConfigError(f"check {check.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
-                               f"got {check.parametrisation!r}")
-
-
 def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...], list[int], torch.Tensor]:
     """(layers, sample indices, images) for an optimisation check: its `layers` or every named layer (each
     validated, unknown ones listing the valid names), and `samples` images taken class by class."""
@@ -107,7 +98,31 @@ def pixel_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class InversionConverges(Check):
+class ConvergenceCheck(Check):
+    """Parameters and validation shared by the optimisation checks judged by the convergence rule
+    (inversion-converges, texture-synthesis-converges); see convergence_reasons."""
+
+    layers: tuple[str, ...] = ()
+    steps: int = 100
+    samples: int = 5
+    lr: float = 0.1
+    final_lr_ratio: float = 0.001
+    parametrisation: Literal["fourier", "sigmoid"] = "fourier"
+    max_error: float = 0.5
+    min_drop: float = 0.5
+    plateau: float = 0.01
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_at_least(self, steps=10, samples=0, lr=1e-12, max_error=0, final_lr_ratio=1e-12)
+        require_unit(self, "min_drop", "plateau", "final_lr_ratio")
+        if self.parametrisation not in ("fourier", "sigmoid"):
+            raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
+                                   f"got {self.parametrisation!r}")
+
+
+@dataclass
+class InversionConverges(ConvergenceCheck):
     """Per layer, invert the features of `samples` images (classes in turn) from noise: `steps` Adam steps,
     alpha-norm and TV regularisers, all layers and images in one batch. A layer passes when the mean final
     relative feature error ||f(x*) - f(x0)|| / ||f(x0)|| <= max_error, the mean total loss fell by at least
@@ -131,20 +146,7 @@ class InversionConverges(Check):
         "A randomly initialised copy of the model is inverted beside it."
     )
 
-    layers: tuple[str, ...] = ()
-    steps: int = 100
-    samples: int = 5
-    lr: float = 0.1
-    final_lr_ratio: float = 0.001
-    parametrisation: Literal["fourier", "sigmoid"] = "fourier"
-    max_error: float = 0.5
-    min_drop: float = 0.5
-    plateau: float = 0.01
     random_baseline: bool = True
-    seed: int = 0
-
-    def validate(self) -> None:
-        validate_convergence_params(self)
 
     def _invert(self, subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, inv.InversionResult]:
         return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.lr,

@@ -9,8 +9,8 @@ import torch
 
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult
-from auditkit.checks.inversion import (convergence_reasons, layers_and_sources, require_at_least, require_unit,
-                                      validate_convergence_params)
+from auditkit.checks.inversion import (ConvergenceCheck, convergence_reasons, layers_and_sources, require_at_least,
+                                      require_unit)
 from auditkit.methods import synthesis as syn
 
 
@@ -91,7 +91,7 @@ class ClassVisualisation(Check):
 
 
 @dataclass
-class TextureSynthesisConverges(Check):
+class TextureSynthesisConverges(ConvergenceCheck):
     """Synthesise, from noise, an image whose Gram matrices at `layers` (default: every named layer) match
     those of each of `samples` source images (Gatys et al. 2015). The rule is inversion-converges': each
     layer's mean relative Gram error ||G(x*) - G(x0)||_F / ||G(x0)||_F <= max_error, and the total loss fell
@@ -108,21 +108,9 @@ class TextureSynthesisConverges(Check):
         "plateau over the last tenth of the steps."
     )
 
-    layers: tuple[str, ...] = ()
     # Fourier at 300 steps: the demo's syntheses keep the source's colours and blobs (sigmoid pixels at 100
     # steps match the Gram matrices too, errors 0.09-0.21, but come out grey and high-frequency)
     steps: int = 300
-    samples: int = 5
-    lr: float = 0.1
-    final_lr_ratio: float = 0.001
-    parametrisation: Literal["fourier", "sigmoid"] = "fourier"
-    max_error: float = 0.5
-    min_drop: float = 0.5
-    plateau: float = 0.01
-    seed: int = 0
-
-    def validate(self) -> None:
-        validate_convergence_params(self)
 
     def run(self, subject, audit_set) -> CheckResult:
         layers, indices, images = layers_and_sources(self, subject, audit_set)
