@@ -190,10 +190,9 @@ def test_texture_matches_the_gram_matrix_of_a_single_layer():
 
 @pytest.fixture(scope="module")
 def demo_results():
-    """Each check once on the demo. inversion-converges skips its random-weights baseline, which is evidence
-    only (never judged), to halve the cost; benchmarks/synthesis.py runs it in full."""
+    """Each check once on the demo, with its defaults (inversion's random-weights copy included)."""
     spec, data = demo_model(), shapes_dataset()
-    checks = [InversionConverges(random_baseline=False), ClassVisualisation(), TextureSynthesisConverges()]
+    checks = [InversionConverges(), ClassVisualisation(), TextureSynthesisConverges()]
     with Subject(spec, device="cpu") as subject:
         return {c.kind: c.execute(subject, data) for c in checks}
 
@@ -206,6 +205,7 @@ def test_demo_passes_inversion_converges(demo_results):
     assert max(errors) <= 0.45 and all(r["last_tenth_fall"] < 0.008 for r in result.rows)  # margins measured
     rmse = [r["pixel_rmse"] for r in result.rows]
     assert rmse == sorted(rmse) and result.details["pixel_rmse_grows_with_depth"]  # shallow is more faithful
+    assert all(r["random_final_error"] == r["random_final_error"] for r in result.rows)  # the random copy ran
     assert len(result.evidence) == 3
 
 
