@@ -334,3 +334,25 @@ def test_attribution_leaves_the_demo_model_unchanged(demo):
     assert {n: p.requires_grad for n, p in net.named_parameters()} == before[2]
     assert all(p.grad is before[3][n] for n, p in net.named_parameters())
     assert not net.training
+
+
+@pytest.mark.gpu
+def test_every_method_on_cuda_matches_the_cpu(demo):
+    """Each method runs batched on CUDA, returns CPU tensors, and agrees with the CPU result."""
+    cpu_subject, images, labels = demo
+    methods = {
+        "gradient": lambda s: gradient(s, images, labels),
+        "input_x_gradient": lambda s: input_x_gradient(s, images, labels),
+        "smoothgrad": lambda s: smoothgrad(s, images, labels, samples=4),
+        "integrated_gradients": lambda s: integrated_gradients(s, images, labels, steps=16),
+        "guided_backprop": lambda s: guided_backprop(s, images, labels),
+        "deconvnet": lambda s: deconvnet(s, images, labels),
+        "grad_cam": lambda s: grad_cam(s, images, labels, layer="stage4"),
+    }
+    expected = {name: fn(cpu_subject) for name, fn in methods.items()}
+    with Subject(demo_model(), device="cuda", batch_size=64) as cuda_subject:
+        for name, fn in methods.items():
+            got = fn(cuda_subject)
+            assert got.device.type == "cpu", name
+            scale = expected[name].abs().max().clamp_min(1e-12)
+            assert ((got - expected[name]).abs().max() / scale) < 1e-3, name
