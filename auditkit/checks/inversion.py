@@ -225,9 +225,9 @@ class InversionConverges(ConvergenceCheck):
         rmse_series = {"trained": (depth, [r["pixel_rmse"] for r in rows])}
         if randoms:
             rmse_series["random weights"] = (depth, [r["random_pixel_rmse"] for r in rows])
-        rmse_svg = ev.line_chart_svg(rmse_series, title="Pixel RMSE of the reconstruction to the original, by depth ("
-                                     + ", ".join(f"{i}={l}" for i, l in zip(depth, layers)) + ")",
-                                     x_label="layer (1 = shallowest)", y_label="pixel RMSE")
+        rmse_svg = ev.line_chart_svg(rmse_series, title="Pixel RMSE of the reconstruction, by depth",
+                                     x_label="layer depth (1 = shallowest)", y_label="pixel RMSE")
+        depth_names = ", ".join(f"{i} = {l}" for i, l in zip(depth, layers))
         return [
             ev.png_evidence("Feature inversion", grid,
                             "Each sample, then its reconstruction from each layer of the trained model (titles: "
@@ -238,5 +238,5 @@ class InversionConverges(ConvergenceCheck):
                             "Total loss per step, one line per layer (log scale)."),
             ev.svg_evidence("Pixel distance to the original", rmse_svg,
                             "Shallow layers keep more of the image, so their reconstructions should lie closer "
-                            "to the original than those of deep layers."),
+                            f"to the original than those of deep layers. Depth: {depth_names}."),
         ]
