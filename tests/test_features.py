@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from auditkit import ModelSpec
+from auditkit import AuditSet, ModelSpec, Sample
 from auditkit.checks.base import CheckConfigError, Status, spread_indices
 from auditkit.checks.representation import (
     DeadUnits,
@@ -394,3 +394,35 @@ def test_normalise_filters_closed_form():
     scaled = normalise_filters(weight)
     torch.testing.assert_close(scaled[0], torch.arange(27.0).view(3, 3, 3) / 26)  # (w - min) / (max - min)
     assert torch.all(scaled[1] == 0.5)  # a constant filter is mid grey
+
+
+class _Zero(nn.Module):
+    def forward(self, x):
+        return x * 0
+
+
+class _DeadTop(nn.Module):
+    """A conv, then a layer whose output is zero for every image (a dead last stage)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.dead = _Zero()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.dead(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_a_constant_layer_has_no_invariance_and_fails_the_check():
+    """0/0 must not read as perfect invariance: a dead top layer would otherwise make the check pass."""
+    zeros = torch.zeros(4, 10)
+    assert np.isnan(fe.invariance_from_features(zeros, zeros))
+    spec = ModelSpec(module=_DeadTop(), class_names=["a", "b"], input_size=(16, 16), layers=["conv", "dead"], name="dead")
+    data = AuditSet([Sample(torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(i)), i % 2, (), f"s{i}")
+                     for i in range(8)], ["a", "b"], name="noise")
+    with Subject(spec, device="cpu") as subject:
+        result = InvarianceGrowsWithDepth().execute(subject, data)
+    assert result.status is Status.FAILED
+    assert "layer(s) dead give the same output for every image" in result.message

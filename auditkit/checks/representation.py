@@ -157,6 +157,10 @@ class InvarianceGrowsWithDepth(Check):
         per_mag = ", ".join(f"{m:g}{unit}: rho {r:.2f}, gain {g:+.2f}" for m, r, g in zip(mags, rhos, gains))
         message = (f"{self.transform}, {len(chosen)} samples; mean Spearman {mean_rho:.2f}, mean gain "
                    f"{layers[-1]} - {layers[0]} = {mean_gain:+.3f} (needs >= {self.min_gain:g}); {per_mag}")
+        constant = [name for name in layers if not spread[name] > 0]
+        if constant:  # invariance is NaN there, so rho and the gain are NaN and the check fails
+            message = (f"layer(s) {', '.join(constant)} give the same output for every image, so their "
+                       f"invariance cannot be measured; " + message)
         if shown:
             message += "; shown, not judged: " + ", ".join(
                 f"{other} mean Spearman {info['mean_rho']:.2f}, mean gain {info['mean_gain']:+.3f}"
