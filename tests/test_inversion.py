@@ -84,7 +84,7 @@ def test_constant_layer_fails_the_check_with_a_clear_reason():
     with Subject(probe_spec("zero"), device="cpu") as subject:
         result = check.execute(subject, probe_set())
     assert result.status is Status.FAILED, result.error
-    assert result.rows[0]["reason"] == ZERO_NORM_REASON
+    assert result.rows[0]["reason"] == ZERO_NORM_REASON + " for 2 of 2 samples"
     assert ZERO_NORM_REASON in result.message
 
 
@@ -134,3 +134,19 @@ def test_check_errors_name_the_parameter():
     with Subject(probe_spec(), device="cpu") as subject:
         result = InversionConverges(layers=("nope",), steps=10).execute(subject, probe_set())
     assert result.status is Status.ERROR and "'nope'" in result.message and "feat" in result.message
+
+
+def test_texture_on_a_zero_layer_fails_naming_the_cause():
+    from auditkit.checks.synthesis import TextureSynthesisConverges
+
+    with Subject(probe_spec("zero"), device="cpu") as subject:
+        result = TextureSynthesisConverges(steps=20, samples=2).execute(subject, probe_set())
+    assert result.status is Status.FAILED, result.error
+    assert result.rows[0]["reason"] == "layer output is all zeros (zero Gram matrix) for 2 of 2 samples"
+
+
+def test_total_variation_of_a_one_pixel_wide_image_is_zero_not_nan():
+    from auditkit.methods.inversion import total_variation
+
+    for shape in ((2, 3, 1, 5), (2, 3, 5, 1)):
+        assert torch.equal(total_variation(torch.rand(shape), 2.0), torch.zeros(2))

@@ -51,6 +51,10 @@ def test_convergence_rule_on_known_curves():
                                              plateau=1)[2][0]
     assert "NaN" in convergence_reasons(torch.tensor([1.0, math.nan]), 0.1, max_error=1, min_drop=0, plateau=1)[2][0]
     assert "max_error" in convergence_reasons(settled, 0.7, max_error=0.5, min_drop=0.5, plateau=0.01)[2][0]
+    # falls to 0.1 over 18 steps, then climbs back to 0.5 at the end: not a plateau even though it ends below its start
+    rising_tail = torch.cat([torch.linspace(1.0, 0.1, 18), torch.tensor([0.3, 0.5])])
+    _, fall, reasons = convergence_reasons(rising_tail, 0.2, max_error=0.5, min_drop=0.5, plateau=0.01)
+    assert fall < 0 and reasons and "rising again" in reasons[0]
 
 
 def test_class_round_robin_covers_every_class_first():

@@ -14,7 +14,7 @@ from auditkit.methods import inversion as inv
 from auditkit.methods.optimise import relative_fall
 from auditkit.methods.randomisation import random_copy
 
-ZERO_NORM_REASON = "layer output is constant (zero norm)"
+ZERO_NORM_REASON = "layer output is constant: all zeros (zero norm)"
 
 
 def require_unit(check: Check, *names: str) -> None:
@@ -70,7 +70,8 @@ def convergence_reasons(total: torch.Tensor, error: float, *, max_error: float, 
     (1-D, one value per step) and the final error: (drop, last-tenth fall, failure reasons).
 
     drop = (total[0] - total[-1]) / total[0] must be >= min_drop; fall = (total[-1-k] - total[-1]) /
-    total[-1-k], k = max(1, steps // 10), must be < plateau (settled, not still falling); error <= max_error.
+    total[-1-k], k = max(1, steps // 10), must satisfy |fall| < plateau (settled: neither still falling nor
+    rising again); error <= max_error.
     A non-finite curve, or a loss that ended above where it started, is reported as diverged.
     """
     if total.numel() == 0:
@@ -87,8 +88,9 @@ def convergence_reasons(total: torch.Tensor, error: float, *, max_error: float, 
         reasons.append(f"{what} {error:.3g} > max_error {max_error:.3g}")
     if not drop >= min_drop:
         reasons.append(f"loss fell by {drop:.3g} < min_drop {min_drop:.3g}")
-    if not fall < plateau:
-        reasons.append(f"still falling: {fall:.3g} over the last tenth >= plateau {plateau:.3g}")
+    if not abs(fall) < plateau:
+        state = "still falling" if fall > 0 else "rising again"
+        reasons.append(f"not settled, {state}: changed by {abs(fall):.3g} over the last tenth >= plateau {plateau:.3g}")
     return drop, fall, reasons
 
 
@@ -184,7 +186,8 @@ class InversionConverges(ConvergenceCheck):
              images: torch.Tensor) -> dict:
         error = float(res.final_error.mean())
         if bool(res.zero_norm.any()):
-            drop, fall, reasons = math.nan, math.nan, [ZERO_NORM_REASON]
+            count = f" for {int(res.zero_norm.sum())} of {res.zero_norm.numel()} samples"
+            drop, fall, reasons = math.nan, math.nan, [ZERO_NORM_REASON + count]
         elif bool(res.diverged.any()):
             drop, fall, reasons = math.nan, math.nan, [f"loss diverged (NaN/inf) at step {res.diverged_step}"]
         else:

@@ -121,8 +121,12 @@ class TextureSynthesisConverges(ConvergenceCheck):
         rows = []
         for layer in layers:
             error = float(res.final_error[layer].mean())
+            zero = torch.isnan(res.final_error[layer]) & ~res.diverged.to(res.final_error[layer].device)
             if bool(res.diverged.any()):
                 drop, fall, reasons = math.nan, math.nan, [f"loss diverged (NaN/inf) at step {res.diverged_step}"]
+            elif bool(zero.any()):
+                drop, fall, reasons = math.nan, math.nan, [
+                    f"layer output is all zeros (zero Gram matrix) for {int(zero.sum())} of {zero.numel()} samples"]
             else:
                 drop, fall, reasons = convergence_reasons(total, error, max_error=self.max_error,
                                                           min_drop=self.min_drop, plateau=self.plateau,

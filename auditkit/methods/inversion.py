@@ -57,7 +57,10 @@ def alpha_norm(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def total_variation(x: torch.Tensor, beta: float) -> torch.Tensor:
     """Per image: mean over pixels (and channels) of (dx^2 + dy^2)^(beta / 2), forward differences
-    (the last row and column, which have no forward neighbour, are left out)."""
+    (the last row and column, which have no forward neighbour, are left out). An image less than 2 pixels
+    high or wide has no such pair: 0."""
+    if min(x.shape[-2:]) < 2:
+        return torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     dx = x[..., :-1, 1:] - x[..., :-1, :-1]
     dy = x[..., 1:, :-1] - x[..., :-1, :-1]
     sq = dx * dx + dy * dy
