@@ -12,6 +12,7 @@ requires_grad; `close()` puts back device, train/eval flags, requires_grad,
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -69,6 +70,24 @@ class _ModuleState:
     grads: dict[str, torch.Tensor | None]
     device: torch.device | None
     hooks: dict[tuple[str, str], set] = field(default_factory=dict)
+
+
+_CALL_HOOK_DICTS = _HOOK_DICTS[:7]  # forward / backward hooks: what runs when the module is called
+
+
+def copy_without_hooks(module: nn.Module) -> nn.Module:
+    """A deep copy of `module` whose forward and backward hooks are cleared (on the copy only).
+
+    copy.deepcopy keeps the hook tables and shares the hook functions, so the user's hooks would
+    fire (and could rewrite outputs) while auditkit runs its private copies.
+    """
+    clone = copy.deepcopy(module)
+    for sub in clone.modules():
+        for attr in _CALL_HOOK_DICTS:
+            table = getattr(sub, attr, None)
+            if table:
+                table.clear()
+    return clone
 
 
 def _hook_keys(module: nn.Module) -> dict[tuple[str, str], set]:

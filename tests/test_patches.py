@@ -215,6 +215,36 @@ def test_top_activations_keep_fewer_when_there_are_fewer_images():
     assert tops["conv2"].values.shape == (5, 3)
 
 
+def test_ties_keep_the_earliest_image_and_position():
+    """A dead channel (all zeros) ties everywhere: the earliest (image, position) comes first, in order."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 1, 1)
+            nn.init.zeros_(self.conv1.weight)
+            nn.init.zeros_(self.conv1.bias)
+            self.conv2 = nn.Identity()
+            self.head = nn.Linear(1, 2)
+
+        def forward(self, x):
+            return self.head(self.conv2(self.conv1(x)).mean(dim=(2, 3)))
+
+    with Subject(_toy_spec(Flat()), device="cpu", batch_size=2) as subject:
+        tops = pt.top_activations(subject, _images(n=4, size=5), ["conv1"], 5, distinct_images=False)
+    t = tops["conv1"]
+    assert t.image[0].tolist() == [0, 0, 0, 0, 0] and (t.y[0] * 5 + t.x[0]).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_empty_batch_and_bad_image_index_are_clear_errors():
+    with Subject(_toy_spec(Toy()), device="cpu") as subject:
+        with pytest.raises(ValueError, match="non-empty"):
+            pt.top_activations(subject, torch.empty(0, 3, 10, 10), ["conv2"], 9)
+        for index in (-1, 2):
+            with pytest.raises(ValueError, match=f"names image {index}, but there are 2 images"):
+                pt.deconv_projections(subject, _images(n=2), "conv2", torch.tensor([[index, 0, 0, 0]]))
+
+
 def test_deconv_projection_closed_form_and_zero_outside_the_field():
     module, images = Toy(), _images(n=4)
     units = torch.tensor([[0, 1, 4, 5], [2, 4, 0, 0], [3, 0, 9, 2], [2, 4, 0, 0]])
@@ -363,3 +393,20 @@ def test_unknown_layer_or_channel_is_an_error_naming_it(channels, match):
     assert result.status is Status.ERROR
     assert re.search(match, result.message), result.message
     assert not any(m._forward_hooks for m in spec.module.modules())
+
+
+def test_user_hooks_do_not_fire_on_private_copies():
+    """Receptive-field probes and random-weight copies run on copies; the user's hooks stay with the user's model."""
+    from auditkit.methods.randomisation import random_copy
+
+    module, calls = Toy(), []
+    handle = module.conv1.register_forward_hook(lambda m, i, o: calls.append(o.dtype))
+    try:
+        with Subject(_toy_spec(module), device="cpu") as subject:
+            pt.receptive_field(subject, "conv2", (10, 10))
+            random_copy(module)(_images(n=1))
+        assert calls == []
+        module(_images(n=1))
+        assert calls == [torch.float32]  # the user's own hook still works on the user's model
+    finally:
+        handle.remove()

@@ -29,7 +29,6 @@ copy, and everything else uses the Subject's hook helpers.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditkit.methods.gradients import relu_backward_override
-from auditkit.subject import AuditModelError
+from auditkit.subject import AuditModelError, copy_without_hooks
 
 __all__ = [
     "ReceptiveField",
@@ -170,7 +169,7 @@ def structural_copy(module: nn.Module) -> nn.Module:
     iff some path joins pixel p to the unit. Runs in float64 so long products do not underflow. Not
     neutralised: functional max-pooling (F.max_pool2d in a forward), gating by data-dependent masks.
     """
-    clone = copy.deepcopy(module).eval()
+    clone = copy_without_hooks(module).eval()
     for name, sub in list(clone.named_modules(remove_duplicate=False)):
         new = _replacement(sub) if name else None
         if new is not None:
@@ -325,7 +324,9 @@ def _candidates(out: torch.Tensor, first: int, top: int, distinct: bool):
         image = torch.arange(first, first + n, device=out.device).view(n, 1).expand(n, c)
         return values.T, image.T, pos.T
     per_channel = flat.transpose(0, 1).reshape(c, -1)
-    values, idx = per_channel.topk(min(top, per_channel.shape[1]), dim=1)
+    k = min(top, per_channel.shape[1])
+    values, idx = per_channel.sort(dim=1, descending=True, stable=True)  # topk's tie order is unspecified
+    values, idx = values[:, :k], idx[:, :k]
     hw = flat.shape[2]
     return values, first + idx // hw, idx % hw
 
@@ -374,6 +375,8 @@ def top_activations(
     """
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"top_activations needs a non-empty N x C x H x W batch, got shape {tuple(images.shape)}")
     layers = list(dict.fromkeys(layers))
     for name in layers:
         subject.layer(name)
@@ -413,6 +416,10 @@ def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.T
     """
     subject.layer(layer)
     units = torch.as_tensor(units, dtype=torch.int64).reshape(-1, 4).cpu()
+    outside = (units[:, 0] < 0) | (units[:, 0] >= images.shape[0])
+    if bool(outside.any()):
+        raise ValueError(f"unit {units[outside][0].tolist()} names image {int(units[outside][0, 0])}, but there are "
+                         f"{images.shape[0]} images (indices 0..{images.shape[0] - 1})")
     out_parts = []
     size = max(1, int(subject.batch_size))
     with relu_backward_override(subject.module, "deconvnet"):

@@ -14,12 +14,13 @@ A constant map has no ranking to compare: its correlation is NaN.
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Iterator
 
 import torch
 from torch import nn
+
+from auditkit.subject import copy_without_hooks
 
 __all__ = ["parameter_layers", "reinitialise", "cascade", "spearman", "spearman_rows"]
 
@@ -66,7 +67,7 @@ def cascade(module: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn.Module]]
     a run is reproducible.
     """
     names = parameter_layers(module)
-    clone = copy.deepcopy(module)
+    clone = copy_without_hooks(module)
     layers = dict(clone.named_modules())
     seeds = torch.randint(2**62, (len(names),), generator=torch.Generator().manual_seed(seed)).tolist()
     for step_seed, name in zip(seeds, reversed(names)):
@@ -79,7 +80,7 @@ def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
     clone = module
     for _, clone in cascade(module, seed):
         pass
-    return (copy.deepcopy(module) if clone is module else clone).eval()
+    return (copy_without_hooks(module) if clone is module else clone).eval()
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
