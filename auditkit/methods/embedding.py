@@ -149,7 +149,7 @@ def knn_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     memory grows as block x N, not N x N.
     """
     _check_knn(x, k)
-    x = x.float()
+    x = x.float().cpu()  # the indices address CPU label tensors
     out = []
     for start in range(0, x.shape[0], _QUERY_CHUNK):
         d = torch.cdist(x[start : start + _QUERY_CHUNK], x)
