@@ -197,8 +197,23 @@ def demo_results():
     """Each check once on the demo, with its defaults (inversion's random-weights copy included)."""
     spec, data = demo_model(), shapes_dataset()
     checks = [InversionConverges(), ClassVisualisation(), TextureSynthesisConverges()]
+    before = _model_state(spec.module)
     with Subject(spec, device="cpu") as subject:
-        return {c.kind: c.execute(subject, data) for c in checks}
+        results = {c.kind: c.execute(subject, data) for c in checks}
+    results["model unchanged"] = _model_state(spec.module) == before
+    return results
+
+
+def _model_state(module):
+    """Everything the audit must leave alone: values, train/eval, requires_grad, hooks, instance attributes."""
+    return ({k: v.clone().tolist() for k, v in module.state_dict().items()},
+            [(n, m.training, sorted(m.__dict__.get("_forward_hooks", {})), "forward" in m.__dict__)
+             for n, m in module.named_modules()],
+            [(n, p.requires_grad) for n, p in module.named_parameters()])
+
+
+def test_demo_model_is_unchanged_by_the_synthesis_family(demo_results):
+    assert demo_results["model unchanged"] is True
 
 
 def test_demo_passes_inversion_converges(demo_results):
