@@ -27,6 +27,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/occlusion.py
+	$(PY) benchmarks/attribution.py
+	$(PY) benchmarks/representation.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/synthesis.py
 
 train-demo: install
 	$(PY) -m auditkit.demo.train
