@@ -257,6 +257,8 @@ def test_demo_invariance_check_passes(demo, translate_results, transform):
     print(result.summary())
     assert result.status is Status.PASSED, result.summary()
     assert len(result.rows) == 4 * 3 and result.evidence and result.evidence[0].media_type == "image/svg+xml"
+    assert result.title == {"translate": "Invariance to translation grows with depth",
+                            "scale": "Invariance to scaling grows with depth"}[transform]  # told apart in the report
 
 
 def test_demo_invariance_check_fails_on_gain(demo):

@@ -61,6 +61,9 @@ def _representative(mags) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
+_NOUN = {"translate": "translation", "scale": "scaling", "rotate": "rotation"}
+
+
 @dataclass
 class InvarianceGrowsWithDepth(Check):
     """Features should get more invariant to a nuisance transform from shallow to deep layers.
@@ -176,6 +179,7 @@ class InvarianceGrowsWithDepth(Check):
                      "compare": {other: {k: v for k, v in info.items() if k != "table"}
                                  for other, info in shown.items()}},
         )
+        result.title = f"Invariance to {_NOUN[self.transform]} grows with depth"
         if result.status is Status.PASSED and not mean_gain >= self.min_gain:
             result.status = Status.FAILED
             result.message = (f"FAILED on gain: invariance rises with depth (rho {mean_rho:.2f} >= {self.min_rho:g}) "

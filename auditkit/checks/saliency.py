@@ -20,6 +20,11 @@ def validate_method_layer(check: Check) -> None:
         raise CheckConfigError(f"check {check.name!r}: layer applies to method 'grad_cam' only, not {check.method!r}")
 
 
+_METHOD_TITLES = {"gradient": "gradient", "input_x_gradient": "input x gradient", "smoothgrad": "SmoothGrad",
+                  "integrated_gradients": "integrated gradients", "guided_backprop": "guided backprop",
+                  "deconvnet": "DeconvNet", "grad_cam": "Grad-CAM"}
+
+
 @dataclass
 class SaliencyInBox(Check):
     """Per sample: energy = positive map inside the boxes / positive map overall; lift = energy /
@@ -89,6 +94,7 @@ class SaliencyInBox(Check):
                 "prior_pointing_accuracy": mean(centre["hit"]),
             },
         )
+        result.title = f"{self.title} ({_METHOD_TITLES.get(self.method, self.method)})"
         result.evidence = self._evidence(audit_set, usable, images, maps, boxes, passed, ours)
         return result
 
