@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditkit.methods.gradients import relu_backward_override
+from auditkit.methods.optimise import forward_to
 from auditkit.subject import AuditModelError, copy_without_hooks
 
 __all__ = [
@@ -427,13 +428,7 @@ def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.T
             rows = units[first : first + size]
             x = images[rows[:, 0]].detach().to(subject.device, torch.float32).clone().requires_grad_(True)
             with torch.enable_grad():
-                with subject.forward_hook(layer, _stop_hook):
-                    try:
-                        subject.forward(x)
-                    except _Reached as reached:
-                        out = _map_output(reached.output, layer)
-                    else:  # pragma: no cover - the hook always fires when the layer runs
-                        raise ValueError(f"layer {layer!r} was not called in the forward pass")
+                out = _map_output(forward_to(subject, x, [layer])[layer], layer)
                 c, h, w = out.shape[1:]
                 bad = (rows[:, 1] >= c) | (rows[:, 2] >= h) | (rows[:, 3] >= w) | (rows[:, 1:] < 0).any(1)
                 if bool(bad.any()):
