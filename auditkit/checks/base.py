@@ -256,6 +256,22 @@ class Check:
         return CheckResult(check=self.name, kind=self.kind, status=Status.ERROR, message=message, error=error or message)
 
 
+def require_unit(check: Check, *names: str) -> None:
+    """CheckConfigError unless each named parameter lies in [0, 1]."""
+    for field_name in names:
+        value = getattr(check, field_name)
+        if not 0.0 <= value <= 1.0:
+            raise CheckConfigError(f"check {check.name!r}: {field_name} must be in [0, 1], got {value}")
+
+
+def require_at_least(check: Check, **minimums: float) -> None:
+    """CheckConfigError unless each named parameter is >= its minimum."""
+    for field_name, minimum in minimums.items():
+        value = getattr(check, field_name)
+        if not value >= minimum:
+            raise CheckConfigError(f"check {check.name!r}: {field_name} must be >= {minimum:g}, got {value}")
+
+
 def spread_indices(total: int, samples: int) -> list[int]:
     """All of range(total) when samples <= 0 or >= total, else `samples` indices spread evenly over it
     (keeps the class mix of a set sorted by class)."""

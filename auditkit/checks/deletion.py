@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, spread_indices
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, spread_indices
 from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import deletion as dl
 from auditkit.methods import saliency as sal
@@ -42,12 +42,9 @@ class DeletionInsertion(Check):
     seed: int = 0
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise CheckConfigError(f"check {self.name!r}: steps must be >= 1, got {self.steps}")
+        require_at_least(self, steps=1, random_orders=1)
         if self.samples < 0:
             raise CheckConfigError(f"check {self.name!r}: samples must be >= 0 (0 = all), got {self.samples}")
-        if self.random_orders < 1:
-            raise CheckConfigError(f"check {self.name!r}: random_orders must be >= 1, got {self.random_orders}")
         if not math.isfinite(self.min_margin) or not -1.0 <= self.min_margin <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_margin must be in [-1, 1], got {self.min_margin}")
         validate_method_layer(self)

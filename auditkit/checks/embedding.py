@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
 from auditkit.methods import embedding as em
 
 _PANEL = 64  # longest side of an image in the neighbour grid before panel_grid's x2 upscale
@@ -107,8 +107,7 @@ class FeatureNeighbours(Check):
         _validate_k(self)
         if not (math.isfinite(self.min_gain) and -1.0 <= self.min_gain <= 1.0):
             raise CheckConfigError(f"check {self.name!r}: min_gain must be in [-1, 1], got {self.min_gain}")
-        if self.queries < 0:
-            raise CheckConfigError(f"check {self.name!r}: queries must be >= 0, got {self.queries}")
+        require_at_least(self, queries=0)
 
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
@@ -196,8 +195,7 @@ class ClassSeparation(Check):
 
     def validate(self) -> None:
         _validate_k(self)
-        if not 0.0 <= self.min_accuracy <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: min_accuracy must be in [0, 1], got {self.min_accuracy}")
+        require_unit(self, "min_accuracy")
         if not (math.isfinite(self.perplexity) and self.perplexity > 0):
             raise CheckConfigError(f"check {self.name!r}: perplexity must be > 0, got {self.perplexity}")
 

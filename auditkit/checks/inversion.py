@@ -9,28 +9,12 @@ from typing import Literal, Sequence
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
 from auditkit.methods import inversion as inv
 from auditkit.methods.optimise import relative_fall
 from auditkit.methods.randomisation import random_copy
 
 ZERO_NORM_REASON = "layer output is constant: all zeros (zero norm)"
-
-
-def require_unit(check: Check, *names: str) -> None:
-    """CheckConfigError unless each named parameter lies in [0, 1]."""
-    for field_name in names:
-        value = getattr(check, field_name)
-        if not 0.0 <= value <= 1.0:
-            raise CheckConfigError(f"check {check.name!r}: {field_name} must be in [0, 1], got {value}")
-
-
-def require_at_least(check: Check, **minimums: float) -> None:
-    """CheckConfigError unless each named parameter is >= its minimum."""
-    for field_name, minimum in minimums.items():
-        value = getattr(check, field_name)
-        if not value >= minimum:
-            raise CheckConfigError(f"check {check.name!r}: {field_name} must be >= {minimum:g}, got {value}")
 
 
 def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...], list[int], torch.Tensor]:

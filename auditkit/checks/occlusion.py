@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
 from auditkit.methods import occlusion as occ
 
 
@@ -45,12 +45,10 @@ class OcclusionDrop(Check):
     def validate(self) -> None:
         if not 0.0 < self.min_drop <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_drop must be in (0, 1], got {self.min_drop}")
-        if not 0.0 <= self.min_pass_rate <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: min_pass_rate must be in [0, 1], got {self.min_pass_rate}")
+        require_unit(self, "min_pass_rate")
         if not 0.0 <= self.control_overlap < 1.0:
             raise CheckConfigError(f"check {self.name!r}: control_overlap must be in [0, 1), got {self.control_overlap}")
-        if self.control_boxes < 1:
-            raise CheckConfigError(f"check {self.name!r}: control_boxes must be >= 1, got {self.control_boxes}")
+        require_at_least(self, control_boxes=1)
         if self.patch < 0 or self.stride < 0 or self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: patch, stride and evidence_samples must be >= 0")
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Evidence
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, Evidence, require_at_least
 from auditkit.methods import patches as pt
 
 _PANEL = 64  # target display size of one patch, pixels
@@ -55,8 +55,7 @@ class MaxActivatingPatches(Check):
     distinct_images: bool = True
 
     def validate(self) -> None:
-        if self.channels_per_layer < 0:
-            raise CheckConfigError(f"check {self.name!r}: channels_per_layer must be >= 0, got {self.channels_per_layer}")
+        require_at_least(self, channels_per_layer=0)
         if not 1 <= self.top <= 64:
             raise CheckConfigError(f"check {self.name!r}: top must be in 1..64, got {self.top}")
         for entry in self.channels:

@@ -16,6 +16,8 @@ from auditkit.checks.base import (
     CheckConfigError,
     CheckResult,
     Status,
+    require_at_least,
+    require_unit,
     spread_indices,
 )
 from auditkit.methods import features as fe
@@ -111,8 +113,7 @@ class InvarianceGrowsWithDepth(Check):
             raise CheckConfigError(f"check {self.name!r}: min_rho must be in [-1, 1], got {self.min_rho}")
         if not math.isfinite(self.min_gain):
             raise CheckConfigError(f"check {self.name!r}: min_gain must be finite, got {self.min_gain}")
-        if self.samples < 2:
-            raise CheckConfigError(f"check {self.name!r}: samples must be >= 2, got {self.samples}")
+        require_at_least(self, samples=2)
         for m in self.magnitudes:
             if not math.isfinite(m) or (self.transform == "scale" and m <= 0):
                 raise CheckConfigError(
@@ -258,13 +259,11 @@ class DeadUnits(Check):
     max_maps: int = 64
 
     def validate(self) -> None:
-        if not 0.0 <= self.max_dead <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: max_dead must be in [0, 1], got {self.max_dead}")
+        require_unit(self, "max_dead")
         if self.sample < 0:
             raise CheckConfigError(f"check {self.name!r}: sample must be an index >= 0 into the audit set, "
                                    f"got {self.sample}")
-        if self.max_maps < 1:
-            raise CheckConfigError(f"check {self.name!r}: max_maps must be >= 1, got {self.max_maps}")
+        require_at_least(self, max_maps=1)
 
     def run(self, subject, audit_set) -> CheckResult:
         layers = list(subject.layers)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_unit
 from auditkit.methods import saliency as sal
 
 Method = Literal["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients",
@@ -51,10 +51,7 @@ class SaliencyInBox(Check):
     evidence_samples: int = 6
 
     def validate(self) -> None:
-        for field_name in ("min_energy", "min_pass_rate"):
-            value = getattr(self, field_name)
-            if not 0.0 <= value <= 1.0:
-                raise CheckConfigError(f"check {self.name!r}: {field_name} must be in [0, 1], got {value}")
+        require_unit(self, "min_energy", "min_pass_rate")
         if self.min_lift < 0 or self.tolerance_px < 0 or self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: min_lift, tolerance_px and evidence_samples must be >= 0")
         validate_method_layer(self)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least
 from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.methods import saliency as sal
@@ -46,10 +46,7 @@ class SaliencySanity(Check):
     def validate(self) -> None:
         if not -1.0 <= self.max_similarity <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: max_similarity must be in [-1, 1], got {self.max_similarity}")
-        if self.samples < 1:
-            raise CheckConfigError(f"check {self.name!r}: samples must be >= 1, got {self.samples}")
-        if self.evidence_samples < 0:
-            raise CheckConfigError(f"check {self.name!r}: evidence_samples must be >= 0, got {self.evidence_samples}")
+        require_at_least(self, samples=1, evidence_samples=0)
         validate_method_layer(self)
 
     def _maps(self, subject, images, labels, layer) -> torch.Tensor:

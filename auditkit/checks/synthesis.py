@@ -8,9 +8,8 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult
-from auditkit.checks.inversion import (ConvergenceCheck, convergence_reasons, layers_and_sources, require_at_least,
-                                      require_unit)
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
+from auditkit.checks.inversion import ConvergenceCheck, convergence_reasons, layers_and_sources
 from auditkit.methods import synthesis as syn
 
 
