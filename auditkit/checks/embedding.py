@@ -209,9 +209,9 @@ class ClassSeparation(Check):
         pca, ratio = em.pca_2d(feats)
         correct = em.knn_predict(tsne, labels, self.k) == labels
         accuracy = float(correct.double().mean())
-        feature_accuracy = em.knn_accuracy(feats, labels, self.k)
-        pca_accuracy = em.knn_accuracy(pca, labels, self.k)
         feat_correct = em.knn_predict(feats, labels, self.k) == labels
+        feature_accuracy = float(feat_correct.double().mean())
+        pca_accuracy = em.knn_accuracy(pca, labels, self.k)
 
         rows = []
         for c, cname in enumerate(names):
