@@ -139,6 +139,19 @@ def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr), mode="RGB")
 
 
+def to_pil_batch(batch: torch.Tensor) -> list[Image.Image]:
+    """N RGB PIL images from an N x C x H x W tensor in [0, 1] (C = 1 is shown as grey).
+
+    As to_pil (clamped, NaN -> 0, 8 bits), with the conversion done once for the whole batch.
+    """
+    t = torch.as_tensor(batch).detach().to("cpu", torch.float32)
+    if t.ndim != 4 or t.shape[1] not in (1, 3):
+        raise ValueError(f"expected images N x C x H x W with 1 or 3 channels, got shape {tuple(t.shape)}")
+    rgb = t if t.shape[1] == 3 else t.expand(-1, 3, -1, -1)
+    arrays = torch.nan_to_num(rgb, nan=0.0).clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+    return [Image.fromarray(a, mode="RGB") for a in arrays.permute(0, 2, 3, 1).contiguous().numpy()]
+
+
 def _to_rgb_image(img: Image.Image | torch.Tensor) -> Image.Image:
     """A new RGB PIL image (never the caller's object)."""
     if isinstance(img, Image.Image):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import xml.etree.ElementTree as ET
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -169,3 +170,17 @@ def test_scatter_and_bar_chart() -> None:
     assert len(root.findall(f".//{SVG_NS}rect")) == 1 + 2  # background + two finite bars
     with pytest.raises(ValueError):
         bar_chart_svg(["a"], [1.0, 2.0])
+
+
+def test_to_pil_batch_matches_to_pil_image_by_image():
+    from auditkit.evidence import to_pil, to_pil_batch
+
+    rgb = torch.rand(3, 3, 5, 4)
+    rgb[0, 0, 0, 0] = float("nan")
+    for pic, img in zip(to_pil_batch(rgb), rgb):
+        assert pic.mode == "RGB" and np.array_equal(np.asarray(pic), np.asarray(to_pil(img)))
+    grey = torch.rand(2, 1, 5, 4)
+    for pic, img in zip(to_pil_batch(grey), grey):
+        assert np.array_equal(np.asarray(pic), np.asarray(to_pil(img).convert("RGB")))
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        to_pil_batch(torch.rand(3, 5, 4))

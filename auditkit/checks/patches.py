@@ -152,12 +152,9 @@ def _panels(batch: torch.Tensor) -> list[Image.Image]:
     """U x C x h x w patches in [0, 1] as pictures about _PANEL px wide: upscaled (nearest) or shrunk (bilinear).
     The 8-bit conversion is done once for the whole batch."""
     side = max(batch.shape[-2:])
-    rgb = batch if batch.shape[1] == 3 else batch[:, :1].expand(-1, 3, -1, -1)
-    arrays = torch.nan_to_num(rgb.float(), nan=0.0).clamp(0, 1).mul(255).round().to(torch.uint8)
-    arrays = arrays.permute(0, 2, 3, 1).contiguous().numpy()
+    rgb = batch if batch.shape[1] == 3 else batch[:, :1]
     out = []
-    for arr in arrays:
-        pil = Image.fromarray(arr)
+    for pil in ev.to_pil_batch(rgb):
         if side > _MAX_PANEL:
             f = _MAX_PANEL / side
             out.append(pil.resize((max(1, round(pil.width * f)), max(1, round(pil.height * f))), Image.BILINEAR))

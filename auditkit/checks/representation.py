@@ -369,9 +369,7 @@ def _tile_rows(tiles: list, titles: list[str]) -> tuple[list[list], list[list[st
 
 def _rgb_tiles(batch: torch.Tensor, zoom: int) -> list[Image.Image]:
     """N x 3 x H x W values in [0, 1] as N RGB pictures enlarged `zoom` times (nearest), converted at once."""
-    arr = batch.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    h, w = arr.shape[1:3]
-    return [Image.fromarray(a).resize((w * zoom, h * zoom), Image.NEAREST) for a in arr]
+    return [ev.upscale(pic, zoom) for pic in ev.to_pil_batch(batch)]
 
 
 def activation_grid(maps: torch.Tensor, dead: torch.Tensor | None = None, *, tile: int = 48) -> Image.Image:
