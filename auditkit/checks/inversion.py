@@ -106,6 +106,24 @@ class ConvergenceCheck(Check):
             raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
                                    f"got {self.parametrisation!r}")
 
+    def layer_verdict(self, total: torch.Tensor, error: float, blockers: Sequence[str],
+                      what: str = "final error") -> tuple[float, float, list[str]]:
+        """(drop, last-tenth fall, reasons) for one layer: the first non-empty blocker (a run whose curve
+        cannot be judged: diverged, zero output) fails it outright; otherwise convergence_reasons."""
+        for reason in blockers:
+            if reason:
+                return math.nan, math.nan, [reason]
+        return convergence_reasons(total, error, max_error=self.max_error, min_drop=self.min_drop,
+                                   plateau=self.plateau, what=what)
+
+    def layers_result(self, rows: list[dict], outcome: str, details: dict) -> CheckResult:
+        """Passes when every layer's row passed; the message lists each failed layer with its reasons."""
+        failed = [r for r in rows if not r["passed"]]
+        message = (f"{len(rows) - len(failed)} of {len(rows)} {outcome}"
+                   + (": " + "; ".join(f"{r['layer']}: {r['reason']}" for r in failed) if failed else ""))
+        return self.result(metric="layers converged", value=(len(rows) - len(failed)) / len(rows), threshold=1.0,
+                           direction=">=", rows=rows, columns=list(rows[0]), message=message, details=details)
+
 
 @dataclass
 class InversionConverges(ConvergenceCheck):
@@ -152,31 +170,21 @@ class InversionConverges(ConvergenceCheck):
                 randoms = self._invert(rnd, images, layers)
         rows = [self._row(layer, results[layer], randoms.get(layer), images) for layer in layers]
 
-        failed = [r for r in rows if not r["passed"]]
-        share = (len(rows) - len(failed)) / len(rows)
-        message = (f"{len(rows) - len(failed)} of {len(rows)} layers converge"
-                   + (": " + "; ".join(f"{r['layer']}: {r['reason']}" for r in failed) if failed else ""))
         rmse = [r["pixel_rmse"] for r in rows]
-        result = self.result(metric="layers converged", value=share, threshold=1.0, direction=">=",
-                             rows=rows, columns=list(rows[0]), message=message,
-                             details={"samples": indices, "steps": self.steps, "lr": self.lr,
-                                      "final_lr_ratio": self.final_lr_ratio, "parametrisation": self.parametrisation,
-                                      "lambda_alpha": inv.LAMBDA_ALPHA, "lambda_tv": inv.LAMBDA_TV,
-                                      "pixel_rmse_grows_with_depth": all(a <= b for a, b in zip(rmse, rmse[1:]))})
+        result = self.layers_result(rows, "layers converge", {
+            "samples": indices, "steps": self.steps, "lr": self.lr, "final_lr_ratio": self.final_lr_ratio,
+            "parametrisation": self.parametrisation, "lambda_alpha": inv.LAMBDA_ALPHA, "lambda_tv": inv.LAMBDA_TV,
+            "pixel_rmse_grows_with_depth": all(a <= b for a, b in zip(rmse, rmse[1:]))})
         result.evidence = self._evidence(images, layers, results, randoms, rows)
         return result
 
     def _row(self, layer: str, res: inv.InversionResult, rnd: inv.InversionResult | None,
              images: torch.Tensor) -> dict:
         error = float(res.final_error.mean())
-        if bool(res.zero_norm.any()):
-            count = f" for {int(res.zero_norm.sum())} of {res.zero_norm.numel()} samples"
-            drop, fall, reasons = math.nan, math.nan, [ZERO_NORM_REASON + count]
-        elif bool(res.diverged.any()):
-            drop, fall, reasons = math.nan, math.nan, [f"loss diverged (NaN/inf) at step {res.diverged_step}"]
-        else:
-            drop, fall, reasons = convergence_reasons(res.curves["total"].mean(1), error, max_error=self.max_error,
-                                                      min_drop=self.min_drop, plateau=self.plateau)
+        zero = (f"{ZERO_NORM_REASON} for {int(res.zero_norm.sum())} of {res.zero_norm.numel()} samples"
+                if bool(res.zero_norm.any()) else "")
+        diverged = f"loss diverged (NaN/inf) at step {res.diverged_step}" if bool(res.diverged.any()) else ""
+        drop, fall, reasons = self.layer_verdict(res.curves["total"].mean(1), error, [zero, diverged])
         nan = math.nan
         return {
             "layer": layer, "final_error": error, "max_final_error": float(res.final_error.max()), "drop": drop,

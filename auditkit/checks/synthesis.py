@@ -9,7 +9,7 @@ import torch
 
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
-from auditkit.checks.inversion import ConvergenceCheck, convergence_reasons, layers_and_sources
+from auditkit.checks.inversion import ConvergenceCheck, layers_and_sources
 from auditkit.methods import synthesis as syn
 
 
@@ -121,23 +121,13 @@ class TextureSynthesisConverges(ConvergenceCheck):
         for layer in layers:
             error = float(res.final_error[layer].mean())
             zero = torch.isnan(res.final_error[layer]) & ~res.diverged.to(res.final_error[layer].device)
-            if bool(res.diverged.any()):
-                drop, fall, reasons = math.nan, math.nan, [f"loss diverged (NaN/inf) at step {res.diverged_step}"]
-            elif bool(zero.any()):
-                drop, fall, reasons = math.nan, math.nan, [
-                    f"layer output is all zeros (zero Gram matrix) for {int(zero.sum())} of {zero.numel()} samples"]
-            else:
-                drop, fall, reasons = convergence_reasons(total, error, max_error=self.max_error,
-                                                          min_drop=self.min_drop, plateau=self.plateau,
-                                                          what="Gram error")
+            diverged = f"loss diverged (NaN/inf) at step {res.diverged_step}" if bool(res.diverged.any()) else ""
+            dead = (f"layer output is all zeros (zero Gram matrix) for {int(zero.sum())} of {zero.numel()} samples"
+                    if bool(zero.any()) else "")
+            drop, fall, reasons = self.layer_verdict(total, error, [diverged, dead], what="Gram error")
             rows.append({"layer": layer, "gram_error": error, "max_gram_error": float(res.final_error[layer].max()),
                          "drop": drop, "last_tenth_fall": fall, "passed": not reasons, "reason": "; ".join(reasons)})
-        failed = [r for r in rows if not r["passed"]]
-        message = (f"{len(rows) - len(failed)} of {len(rows)} layers' Gram matrices matched"
-                   + (": " + "; ".join(f"{r['layer']}: {r['reason']}" for r in failed) if failed else ""))
-        result = self.result(metric="layers converged", value=(len(rows) - len(failed)) / len(rows), threshold=1.0,
-                             direction=">=", rows=rows, columns=list(rows[0]), message=message,
-                             details={"samples": indices, **res.params})
+        result = self.layers_result(rows, "layers' Gram matrices matched", {"samples": indices, **res.params})
         result.evidence = self._evidence(images, res)
         return result
 
