@@ -106,7 +106,6 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
 
     shape = (groups * n, *x0.shape[1:])
     if not torch.isfinite(norm2).all():  # the targets themselves are NaN / inf: nothing to optimise towards
-        run = None
         bad = ~torch.isfinite(norm2).cpu().flatten()
         curves = {k: torch.empty(0, groups * n) for k in ("feature", "alpha", "tv", "total")}
         recon, diverged, diverged_step, done = torch.full(shape, 0.5), bad, 0, 0
