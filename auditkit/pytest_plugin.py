@@ -282,14 +282,14 @@ class AuditReporter:
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         if self.written is None:
             return
-        from auditkit.runner import status_counts
+        from auditkit.report import count_statuses
 
         html, results = self.written
         terminalreporter.section("auditkit")
         for r in results:
             if r.kind != "test":
                 terminalreporter.write_line(f"{r.model}: {r.summary()}")
-        counts = ", ".join(f"{n} {status}" for status, n in status_counts(results).items() if n)
+        counts = ", ".join(f"{n} {status}" for status, n in count_statuses(results).items() if n and status != "total")
         terminalreporter.write_line(f"audit: {counts}")
         terminalreporter.write_line(f"report: {_display_path(html)} (audit.json beside it)")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from auditkit.checks import build_checks
-from auditkit.checks.base import Check, CheckResult, Status, jsonable
+from auditkit.checks.base import Check, CheckResult, jsonable
 from auditkit.config import AuditConfig
 from auditkit.registry import DATASETS, MODELS
 
@@ -168,10 +168,3 @@ def _git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return ""
     return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def status_counts(results: list[CheckResult]) -> dict[str, int]:
-    counts = {s.value: 0 for s in Status}
-    for r in results:
-        counts[r.status.value] += 1
-    return counts
