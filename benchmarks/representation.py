@@ -4,8 +4,8 @@
 
 The family: invariance to translation (with rotation shown beside it, as in
 the default suite), invariance to scaling, dead-units, feature-neighbours and
-class-separation. Checks are built through auditkit.checks.build_checks (the
-registry); a kind that does not resolve yet is skipped with a note.
+class-separation, taken from the default suite with its parameters, so the
+benchmark times what `make audit` runs.
 
 Targets: (1) the demo model on its 60-image shapes audit set, the whole
 family in under 20 s on CPU; (2) resnet18 with random weights
@@ -26,28 +26,11 @@ from timing import best_of
 from auditkit import ModelSpec
 from auditkit.checks import Status, build_checks
 from auditkit.demo import demo_model, shapes_dataset
+from auditkit.registry import DEFAULT_SUITE
 from auditkit.subject import Subject
 
-FAMILY: tuple[dict, ...] = (
-    {"kind": "invariance-grows-with-depth", "compare": ["rotate"]},
-    {"kind": "invariance-grows-with-depth", "name": "invariance-scale", "transform": "scale"},
-    {"kind": "dead-units"},
-    {"kind": "feature-neighbours"},
-    {"kind": "class-separation"},
-)
-
-
-def family_checks() -> list:
-    """(name, check or None, note) for each table of FAMILY, built one by one through the registry."""
-    out = []
-    for table in FAMILY:
-        name = table.get("name", table["kind"])
-        try:
-            (check,) = build_checks([dict(table)])
-            out.append((name, check, ""))
-        except Exception as exc:  # noqa: BLE001 - a kind that does not resolve yet is skipped
-            out.append((name, None, f"skipped: {type(exc).__name__}: {exc}".splitlines()[0][:160]))
-    return out
+REPRESENTATION_KINDS = ("invariance-grows-with-depth", "dead-units", "feature-neighbours", "class-separation")
+FAMILY: tuple[dict, ...] = tuple(t for t in DEFAULT_SUITE if t["kind"] in REPRESENTATION_KINDS)
 
 
 def resnet18_case(n: int = 32, size: int = 224):
@@ -64,16 +47,14 @@ def resnet18_case(n: int = 32, size: int = 224):
 
 
 def time_family(label: str, spec, data, device: str, repeats: int) -> float:
-    checks = family_checks()
+    checks = build_checks([dict(t) for t in FAMILY])
     with Subject(spec, device=device) as subject:
         subject.predict(data.images()[:2])  # warm-up
         print(f"\n{label}: {len(data)} images {data.image_size}, layers {', '.join(subject.layers)}, "
               f"device {subject.device}")
         total = 0.0
-        for name, check, note in checks:
-            if check is None:
-                print(f"  {name:<30} {note}")
-                continue
+        for check in checks:
+            name = check.name
             results = []
             seconds = best_of(repeats, lambda c=check, r=results: r.append(c.execute(subject, data)))
             status = results[-1].status
