@@ -4,6 +4,10 @@ Images are float tensors in [0, 1], shape C x H x W. Boxes are
 (x0, y0, x1, y1) in pixels of that image, x1 and y1 exclusive, so a box
 covering the whole of a W x H image is (0, 0, W, H).
 
+Pixels are checked in one place, Sample (see _valid_pixels): every Sample,
+built directly, by a loader or by resizing, holds a float C x H x W tensor
+with 1 or 3 channels, H, W >= 1 and finite values in [0, 1].
+
 Loaders (all raise AuditDataError, whose message names the file or dataset
 and the entry at fault):
 
@@ -29,6 +33,10 @@ import torch
 
 #: Pixels of rounding a box may stick out of its image before it is an error.
 BOX_SLACK = 0.5
+#: How far a pixel value may stray outside [0, 1] (rounding) before it is an error; it is clamped.
+PIXEL_SLACK = 1e-3
+#: Channel counts an image may have: grey or RGB (what the loaders make and the evidence can draw).
+CHANNELS = (1, 3)
 
 
 class AuditDataError(ValueError):
@@ -37,6 +45,40 @@ class AuditDataError(ValueError):
 
 class _Bad(Exception):
     """Internal: a problem with one entry; the loader prefixes where it happened."""
+
+
+def _valid_pixels(image: Any) -> torch.Tensor:
+    """`image` when it holds pixels as auditkit expects them; else a _Bad saying what was expected.
+
+    Expected: a floating-point torch.Tensor C x H x W with C in CHANNELS, H and
+    W >= 1, every value finite and in [0, 1]. Values at most PIXEL_SLACK
+    outside [0, 1] are rounding: they come back clamped, in a new tensor;
+    otherwise the very same tensor comes back. Cost: one min/max pass.
+    """
+    if not isinstance(image, torch.Tensor):
+        raise _Bad(f"image is a {type(image).__name__}, expected a float torch.Tensor C x H x W")
+    shape = tuple(image.shape)
+    if image.ndim != 3:
+        raise _Bad(f"image has shape {shape}, expected C x H x W")
+    if shape[0] not in CHANNELS:
+        raise _Bad(f"image has shape {shape}, expected C x H x W with 1 or 3 channels")
+    if shape[1] < 1 or shape[2] < 1:
+        raise _Bad(f"image has shape {shape}, expected C x H x W with H, W >= 1")
+    if not image.is_floating_point():
+        hint = " (divide uint8 pixels by 255)" if image.dtype == torch.uint8 else ""
+        raise _Bad(f"image has dtype {image.dtype}, expected a float tensor with values in [0, 1]{hint}")
+    lo, hi = (float(v) for v in torch.aminmax(image.detach()))  # NaN propagates into both
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        bad = int((~torch.isfinite(image.detach())).sum())
+        raise _Bad(f"image has {bad} pixel value(s) NaN or infinite, expected finite values in [0, 1]")
+    if lo < -PIXEL_SLACK or hi > 1.0 + PIXEL_SLACK:
+        raise _Bad(
+            f"image values lie in [{lo:.3g}, {hi:.3g}], expected [0, 1]: divide 0-255 pixels by 255, and "
+            f"leave normalisation (a Normalize transform) to the model spec's mean/std"
+        )
+    if lo < 0.0 or hi > 1.0:
+        return image.clamp(0.0, 1.0)
+    return image
 
 
 @dataclass(frozen=True)
@@ -102,12 +144,34 @@ class Box:
 
 @dataclass
 class Sample:
-    """One audit image: pixels (C x H x W in [0, 1]), class index, object boxes, an id."""
+    """One audit image: pixels (C x H x W in [0, 1]), class index, object boxes, an id.
+
+    The image is checked by _valid_pixels when the sample is built and whenever
+    `image` is assigned; bad pixels are an AuditDataError naming the sample.
+    (Changing the tensor in place afterwards is not seen.)
+    """
 
     image: torch.Tensor
     label: int
     boxes: tuple[Box, ...] = ()
     id: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image", self._checked(self.image))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "image" and "id" in self.__dict__:  # __init__ sets id last; __post_init__ checks then
+            value = self._checked(value)
+        object.__setattr__(self, name, value)
+
+    def _checked(self, image: Any) -> torch.Tensor:
+        try:
+            return _valid_pixels(image)
+        except _Bad as e:
+            where = f"sample {self.id!r}" if self.id else "sample (no id)"
+            error = AuditDataError(f"{where}: {e}")
+            error.reason = str(e)  # without the sample's name: a loader names its entry instead
+            raise error from None
 
     def box_mask(self) -> torch.Tensor:
         """H x W bool mask of the pixels inside any of the boxes."""
@@ -153,13 +217,13 @@ class AuditSet:
                 raise AuditDataError(f"audit set {self.name!r}: class name {name!r} appears twice in class_names")
             seen[name] = 1
         for i, sample in enumerate(self.samples):
+            if not isinstance(sample, Sample):  # a Sample's pixels were checked when it was built
+                raise AuditDataError(
+                    f"audit set {self.name!r}, sample {i}: a {type(sample).__name__}, expected a Sample"
+                )
             where = f"audit set {self.name!r}, sample {i} (id {sample.id!r})" if sample.id else (
                 f"audit set {self.name!r}, sample {i} (no id)"
             )
-            if not isinstance(sample.image, torch.Tensor):
-                raise AuditDataError(f"{where}: image is a {type(sample.image).__name__}, expected a torch.Tensor")
-            if sample.image.ndim != 3:
-                raise AuditDataError(f"{where}: image has shape {tuple(sample.image.shape)}, expected C x H x W")
             try:
                 label = operator.index(sample.label)
             except TypeError:
@@ -396,12 +460,11 @@ class AuditSet:
                     raw_boxes = []
                 if not isinstance(raw_boxes, list):
                     raise _Bad(f'"boxes" must be a list of [x0, y0, x1, y1], got {_json_type(raw_boxes)}')
-                image = _read_image(file_path, "RGB")
-                _, h, w = image.shape
-                boxes = tuple(_box_xyxy(b, w, h, f"box {k}") for k, b in enumerate(raw_boxes))
+                sample = _new_sample(_read_image(file_path, "RGB"), label, id=sample_id)
+                _, h, w = sample.image.shape
+                sample.boxes = tuple(_box_xyxy(b, w, h, f"box {k}") for k, b in enumerate(raw_boxes))
             except _Bad as e:
                 raise AuditDataError(f"{where}: {e}") from None
-            sample = Sample(image=image, label=label, boxes=boxes, id=sample_id)
             samples.append(_resize_sample(sample, target) if target else sample)
         return cls(
             samples=samples,
@@ -577,24 +640,23 @@ class AuditSet:
                 continue
             label = max(eligible, key=lambda a: a[2])[0]  # max() keeps the first on ties
             where = f"{json_path} image {img_id!r} ({img['file_name']})"
-            try:
-                file_path = _inside(root, img["file_name"], "file_name")
-                image = _read_image(file_path, "RGB")
-                _, h, w = image.shape
-                if "width" in img and "height" in img and (img["width"], img["height"]) != (w, h):
-                    raise _Bad(
-                        f"{file_path} is {w} x {h} but the JSON says {img['width']} x {img['height']}"
-                    )
-                boxes = tuple(
-                    _box_xyxy(list(a[1]), w, h, "bbox (as x0, y0, x1, y1)") for a in anns if a[0] == label
-                )
-            except _Bad as e:
-                raise AuditDataError(f"{where}: {e}") from None
             sample_id = str(img["file_name"])
             if sample_id in seen_ids:
                 sample_id = f"{sample_id}#{img_id}"
             seen_ids.add(sample_id)
-            sample = Sample(image=image, label=label, boxes=boxes, id=sample_id)
+            try:
+                file_path = _inside(root, img["file_name"], "file_name")
+                sample = _new_sample(_read_image(file_path, "RGB"), label, id=sample_id)
+                _, h, w = sample.image.shape
+                if "width" in img and "height" in img and (img["width"], img["height"]) != (w, h):
+                    raise _Bad(
+                        f"{file_path} is {w} x {h} but the JSON says {img['width']} x {img['height']}"
+                    )
+                sample.boxes = tuple(
+                    _box_xyxy(list(a[1]), w, h, "bbox (as x0, y0, x1, y1)") for a in anns if a[0] == label
+                )
+            except _Bad as e:
+                raise AuditDataError(f"{where}: {e}") from None
             samples.append(_resize_sample(sample, target) if target else sample)
             image_ids.append(img_id)
         if not samples:
@@ -702,16 +764,15 @@ class AuditSet:
                     raise AuditDataError(f"{where}: reading the item failed: {item.error}") from item.error
                 if not isinstance(item, (tuple, list)) or len(item) < 2:
                     raise _Bad(f"expected an (image, target) pair, got {type(item).__name__}")
-                image = _image_to_tensor(item[0])
-                _, h, w = image.shape
+                sample = _new_sample(_image_to_tensor(item[0]), id=_torchvision_id(dataset, index))
+                _, h, w = sample.image.shape
                 found = _target_label_boxes(item[1], w, h, resolver)
             except _Bad as e:
                 raise AuditDataError(f"{where}: {e}") from None
             if found is None:
                 skipped += 1
                 continue
-            label, boxes = found
-            sample = Sample(image=image, label=label, boxes=boxes, id=_torchvision_id(dataset, index))
+            sample.label, sample.boxes = found
             samples.append(_resize_sample(sample, target) if target else sample)
             indices.append(index)
             if limit is not None and len(samples) >= limit:
@@ -787,6 +848,14 @@ def _resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
         if clipped is not None:  # None only for a box lying wholly in the rounding slack
             boxes.append(clipped)
     return replace(sample, image=_resize_image(sample.image, size), boxes=tuple(boxes))
+
+
+def _new_sample(image: torch.Tensor, label: int = 0, boxes: tuple[Box, ...] = (), id: str = "") -> Sample:
+    """A Sample built by a loader: a refused image is a _Bad, which the loader prefixes with the entry."""
+    try:
+        return Sample(image=image, label=label, boxes=boxes, id=id)
+    except AuditDataError as e:
+        raise _Bad(getattr(e, "reason", str(e))) from None
 
 
 def _load_json(path: Path) -> Any:
@@ -963,19 +1032,11 @@ def _image_to_tensor(image: Any) -> torch.Tensor:
     image = image.as_subclass(torch.Tensor).detach().cpu()
     if image.ndim == 2:
         image = image.unsqueeze(0)
-    if image.ndim != 3 or min(image.shape) == 0:
-        raise _Bad(f"image tensor has shape {tuple(image.shape)}, expected C x H x W")
     if image.dtype == torch.uint8:
         return image.to(torch.float32) / 255.0
     if not image.is_floating_point():
         raise _Bad(f"image tensor has dtype {image.dtype}, expected uint8 or float")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -1e-3 or hi > 1 + 1e-3 or not (math.isfinite(lo) and math.isfinite(hi)):
-        raise _Bad(
-            f"image values lie in [{lo:.3g}, {hi:.3g}], expected [0, 1]: leave Normalize out of the "
-            f"dataset's transform (the model spec's mean/std normalise)"
-        )
-    return image.clamp(0.0, 1.0)
+    return image.clone()  # a copy: a dataset may hand out one reused buffer; Sample checks the pixels
 
 
 class _LabelResolver:

@@ -257,8 +257,8 @@ def test_post_init_messages_name_the_sample_id():
         AuditSet([Sample(tensor_image(4, 4), 0, (), "a"), Sample(tensor_image(4, 4), 2, (), "b")], ("x", "y"))
     with pytest.raises(AuditDataError, match=r"sample 0 \(id 'a'\): box .* lies outside the 4 x 4 image"):
         AuditSet([Sample(tensor_image(4, 4), 0, (Box(0, 0, 5, 5),), "a")], ("x",))
-    with pytest.raises(AuditDataError, match=r"sample 0 \(id 'a'\): image has shape"):
-        AuditSet([Sample(torch.zeros(4, 4), 0, (), "a")], ("x",))
+    with pytest.raises(AuditDataError, match=r"sample 'a': image has shape \(4, 4\), expected C x H x W"):
+        Sample(torch.zeros(4, 4), 0, (), "a")  # a Sample checks its own pixels (tests/test_data_pixels.py)
     with pytest.raises(AuditDataError, match="is empty"):
         AuditSet([], ("x",))
     with pytest.raises(AuditDataError, match="appears twice"):
