@@ -346,9 +346,10 @@ def test_checks_error_on_a_bad_layer_and_on_too_few_images():
         result = FeatureNeighbours(k=8).execute(subject, _toy_set())
         assert result.status is Status.ERROR and "k = 8 needs at least k + 1 = 9 audit images" in result.message
         one_class = AuditSet([Sample(img, 0, (), f"s{i}") for i, img in enumerate(_images())], ["a", "b"], name="one")
-        for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):
+        for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):  # agreement would be trivially 1
             result = check.execute(subject, one_class)
-            assert result.status is Status.ERROR and "one class only" in result.message
+            assert result.status is Status.FAILED, result.summary()
+            assert "needs at least 2 classes, the audit set has 1" in result.message
     _assert_unchanged(module, before)
 
 
@@ -356,7 +357,8 @@ def test_class_names_are_escaped_in_the_evidence():
     names = ("<b>a&amp;</b>", "c\"d'<script>")
     with Subject(_toy_spec(TwoHeads()), device="cpu") as subject:
         result = ClassSeparation(k=1, layer="conv").execute(subject, _toy_set(names))
-        grid = FeatureNeighbours(k=1, queries=2).execute(subject, _toy_set(names))
+        # layer="conv": the penultimate features of TwoHeads differ in length only (one non-zero ReLU unit)
+        grid = FeatureNeighbours(k=1, queries=2, layer="conv").execute(subject, _toy_set(names))
     assert result.status in (Status.PASSED, Status.FAILED), result.message
     for evidence in result.evidence:
         svg = evidence.data.decode()
@@ -386,3 +388,136 @@ def test_a_linear_called_twice_per_image_asks_for_layer():
             pytest.raises(AuditModelError, match=r"layer 'head' gave 16 input rows for 8 images.*pass layer="):
         em.penultimate_features(subject, _images())
     _assert_unchanged(module, before)
+
+
+# -- constant, non-finite and one-class features (issue 13: no check can kill the run) ---------------
+
+
+class ConstantFeatures(nn.Module):
+    """The final nn.Linear sees the same vector for every image (or, with `lengths`, vectors that differ
+    in length only, which are the same unit rows)."""
+
+    def __init__(self, lengths: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+        self.lengths = lengths
+
+    def forward(self, x):
+        pooled = self.conv(x).mean(dim=(2, 3)) * 0 + torch.tensor([1.0, -2.0, 0.5, 3.0])
+        if self.lengths:
+            pooled = pooled * (1 + x.mean(dim=(1, 2, 3)))[:, None]
+        return self.head(pooled)
+
+
+class _NaNWhereHigh(nn.Module):
+    def forward(self, x):
+        bad = (x[:, :1, :1, :1] > 0.2).expand_as(x)
+        return torch.where(bad, torch.full_like(x, float("nan")), x)
+
+
+class NaNFeatures(nn.Module):
+    """Layer `odd` outputs NaN for the images whose first conv channel is > 0.2 at the top-left pixel;
+    the forward then replaces the NaN by 0, so the logits (which the Subject checks) stay finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.odd = _NaNWhereHigh()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(self.odd(self.conv(x)), nan=0.0).mean(dim=(2, 3)))
+
+
+@pytest.fixture
+def no_embedding(monkeypatch):
+    """PCA, t-SNE and k-NN must not run on features that cannot be embedded (t-SNE segfaults on them)."""
+    def refuse(*_a, **_k):
+        raise AssertionError("an embedding ran on features that should have been refused")
+
+    for name in ("tsne_2d", "pca_2d", "knn_indices"):
+        monkeypatch.setattr(em, name, refuse)
+
+
+@pytest.mark.parametrize("lengths", [False, True])
+def test_constant_features_fail_with_the_reason_before_any_embedding(no_embedding, lengths):
+    with Subject(_toy_spec(ConstantFeatures(lengths)), device="cpu") as subject:
+        results = [check.execute(subject, _toy_set()) for check in (FeatureNeighbours(k=1), ClassSeparation(k=1))]
+    for result in results:
+        assert result.status is Status.FAILED, result.summary()
+        assert "the penultimate features are the same for every image" in result.message
+        assert result.value is None and result.evidence == []
+        if lengths:
+            assert "up to their length" in result.message
+
+
+def test_non_finite_features_are_an_error_naming_the_layer_and_samples(no_embedding):
+    images = _images(n=8)
+    module = NaNFeatures()
+    with Subject(_toy_spec(module), device="cpu") as subject:
+        conv = em.features(subject, images, "conv")
+        bad = [f"'s{i}'" for i in range(8) if conv.view(8, 4, 8, 8)[i, 0, 0, 0] > 0.2]
+        assert 0 < len(bad) < 8
+        for check in (FeatureNeighbours(k=1, layer="odd"), ClassSeparation(k=1, layer="odd")):
+            result = check.execute(subject, _toy_set())
+            assert result.status is Status.ERROR, result.summary()
+            assert "NonFiniteError" in result.message and "layer 'odd'" in result.message
+            assert f"for {len(bad)} of 8 sample(s): {', '.join(bad)}" in result.message
+
+
+def _isolated(code: str):
+    """Run `code` in a fresh interpreter, so that a segfault fails the test instead of killing pytest."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+_TSNE_OF_BAD_POINTS = """
+import torch
+from auditkit.methods import embedding as em
+for points in (torch.ones(10, 4), torch.full((10, 4), float("nan"))):
+    try:
+        em.tsne_2d(points)
+    except ValueError as exc:
+        print(type(exc).__name__, exc, flush=True)
+"""
+
+
+def test_tsne_refuses_identical_or_non_finite_points_instead_of_crashing():
+    """Before: scikit-learn's Barnes-Hut t-SNE segfaulted on identical points."""
+    proc = _isolated(_TSNE_OF_BAD_POINTS)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    identical, nan = proc.stdout.splitlines()
+    assert "10 identical points" in identical
+    assert identical.startswith("ValueError") and "NonFiniteError" not in identical
+    assert "not finite (NaN)" in nan
+
+
+_ZEROED_DEMO = """
+import torch
+from auditkit.checks.embedding import ClassSeparation, FeatureNeighbours
+from auditkit.demo import demo_model, shapes_dataset
+from auditkit.subject import Subject
+spec = demo_model()
+with torch.no_grad():
+    for p in spec.module.parameters():
+        p.zero_()
+with Subject(spec, device="cpu") as subject:
+    for check in (ClassSeparation(), FeatureNeighbours()):
+        print(check.execute(subject, shapes_dataset()).summary(), flush=True)
+"""
+
+
+def test_zeroed_demo_does_not_kill_the_run():
+    """Before: class-separation segfaulted inside scikit-learn's t-SNE (exit 139, no report).
+    In a subprocess, so that a crash fails this test instead of killing pytest."""
+    proc = _isolated(_ZEROED_DEMO)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-2000:])
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert ": FAILED" in line and "the penultimate features are the same for every image" in line

@@ -5,6 +5,11 @@ of its final nn.Linear) or by the flattened output of `layer`, and measure
 distances between unit-L2 rows (methods.embedding.unit_rows: Euclidean
 distance of unit rows is monotone in cosine similarity, so an image's
 brightness or a feature vector's scale does not decide its neighbours).
+
+Neither can pass on an audit set of one class (every neighbour would share the label) or on features
+that are the same for every image (there is nothing to embed, and scikit-learn's t-SNE segfaults on
+identical points): both are FAILED with the reason, found before any k-NN, PCA or t-SNE runs.
+Non-finite features are an ERROR naming the layer and the samples.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, require_at_least, require_unit
 from auditkit.methods import embedding as em
+from auditkit.methods.features import rows_all_equal
+from auditkit.methods.numerics import require_finite
 
 _PANEL = 64  # longest side of an image in the neighbour grid before panel_grid's x2 upscale
 _RIGHT = (60, 160, 60)  # frame of a neighbour with the query's label
@@ -24,12 +31,31 @@ _WRONG = (220, 30, 30)  # frame of a neighbour with another label
 _QUERY = (120, 120, 120)  # frame of the query
 
 
-def _embedding(subject, images: torch.Tensor, layer: str) -> tuple[str, torch.Tensor]:
-    """(what was embedded, N x D unit-L2 rows): `layer`'s output or the input of the final nn.Linear."""
+def _embedding(subject, audit_set, images: torch.Tensor, layer: str) -> tuple[str, torch.Tensor, str]:
+    """(what was embedded, N x D unit-L2 rows, why they cannot be judged or ""): `layer`'s output or the
+    input of the final nn.Linear. Non-finite features raise NonFiniteError naming the layer and samples;
+    features that are the same for every image (or differ in length only, so their unit rows are the
+    same) give the reason."""
     if layer:
-        return layer, em.unit_rows(em.features(subject, images, layer))
-    linear = em.penultimate_layer(subject, images)
-    return f"input of {linear}", em.unit_rows(em.penultimate_features(subject, images, linear))
+        where, named, raw = layer, f"the features of layer {layer!r}", em.features(subject, images, layer)
+    else:
+        linear = em.penultimate_layer(subject, images)
+        where, named = f"input of {linear}", "the penultimate features"
+        raw = em.penultimate_features(subject, images, linear)
+    require_finite(raw, "features", method="layer features" if layer else "penultimate features", layer=where,
+                   sample_ids=[sample.id for sample in audit_set])
+    rows = em.unit_rows(raw)
+    n, size = raw.shape[0], raw.flatten(1).shape[1]
+    why = ""
+    if rows_all_equal(raw):
+        why = (f"{named} are the same for every image: all {n} images give one vector of {size} values "
+               f"({where}, up to rounding), so the model does not tell its images apart and there is nothing "
+               f"to embed")
+    elif rows_all_equal(rows):
+        why = (f"{named} are the same for every image up to their length: all {n} images give one direction "
+               f"of {size} values ({where}, up to rounding), and neighbours are taken between unit-length "
+               f"rows, so there is nothing to embed")
+    return where, rows, why
 
 
 def _validate_k(check: Check) -> None:
@@ -37,15 +63,27 @@ def _validate_k(check: Check) -> None:
         raise CheckConfigError(f"check {check.name!r}: k must be >= 1, got {check.k}")
 
 
-def _require_neighbours(check: Check, audit_set, labels: torch.Tensor) -> None:
-    """Raise unless the set has more than k images and at least 2 classes (else agreement is trivially 1)."""
+def _require_neighbours(check: Check, audit_set, labels: torch.Tensor) -> str:
+    """Raise unless the set has more than k images; return why it cannot be judged ("" when it can):
+    an audit set of one class makes every neighbour share the label."""
     n = labels.shape[0]
     if check.k > n - 1:
         raise ValueError(f"check {check.name!r}: k = {check.k} needs at least k + 1 = {check.k + 1} audit images, "
                          f"audit set {audit_set.name!r} has {n}")
-    if labels.unique().numel() < 2:
-        raise ValueError(f"check {check.name!r}: audit set {audit_set.name!r} holds images of one class only; "
-                         f"neighbours can only be judged with at least 2 classes")
+    present = labels.unique()
+    if present.numel() < 2:
+        names = list(audit_set.class_names)
+        only = int(present[0]) if present.numel() else None
+        label = names[only] if only is not None and only < len(names) else only
+        return (f"needs at least 2 classes, the audit set has 1: all {n} images of audit set {audit_set.name!r} "
+                f"are {label!r}, so every neighbour shares the label whatever the features")
+    return ""
+
+
+def _cannot_pass(check: Check, metric: str, threshold: float, why: str, **details) -> CheckResult:
+    """FAILED with the reason and no value: what the check needs is not there, so it cannot pass."""
+    return CheckResult(check=check.name, kind=check.kind, status=Status.FAILED, metric=metric, value=None,
+                       threshold=float(threshold), message=why, details=details)
 
 
 def _chance_agreement(labels: torch.Tensor) -> float:
@@ -112,9 +150,14 @@ class FeatureNeighbours(Check):
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
         n, names = len(audit_set), list(audit_set.class_names)
-        _require_neighbours(self, audit_set, labels)
+        metric = "k-NN label agreement: features - pixels"
+        why = _require_neighbours(self, audit_set, labels)
+        if why:
+            return _cannot_pass(self, metric, self.min_gain, why, k=self.k)
+        where, feats, why = _embedding(subject, audit_set, images, self.layer)
+        if why:
+            return _cannot_pass(self, metric, self.min_gain, why, features=where, k=self.k)
         pixels = em.unit_rows(images)
-        where, feats = _embedding(subject, images, self.layer)
         pix_share = em.neighbour_agreement(pixels, labels, self.k)
         feat_share = em.neighbour_agreement(feats, labels, self.k)
         pix, feat = float(pix_share.mean()), float(feat_share.mean())
@@ -129,7 +172,7 @@ class FeatureNeighbours(Check):
                 rows.append({"class": cname, "samples": int(mask.sum()), "pixel_agreement": p,
                              "feature_agreement": f, "gain": f - p})
         result = self.result(
-            metric="k-NN label agreement: features - pixels", value=gain, threshold=self.min_gain, rows=rows,
+            metric=metric, value=gain, threshold=self.min_gain, rows=rows,
             columns=["class", "samples", "pixel_agreement", "feature_agreement", "gain"],
             message=(f"{n} images, k = {self.k}, features = {where}; label agreement of the nearest neighbours "
                      f"{feat:.3f} in feature space vs {pix:.3f} in pixel space (gain {gain:+.3f}; random "
@@ -202,9 +245,14 @@ class ClassSeparation(Check):
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
         n, names = len(audit_set), list(audit_set.class_names)
-        _require_neighbours(self, audit_set, labels)
+        metric = "k-NN accuracy in the t-SNE map"
+        why = _require_neighbours(self, audit_set, labels)
+        if why:
+            return _cannot_pass(self, metric, self.min_accuracy, why, k=self.k)
         perplexity = em.effective_perplexity(self.perplexity, n)
-        where, feats = _embedding(subject, images, self.layer)
+        where, feats, why = _embedding(subject, audit_set, images, self.layer)
+        if why:
+            return _cannot_pass(self, metric, self.min_accuracy, why, features=where, k=self.k)
         tsne = em.tsne_2d(feats, perplexity, self.seed)
         pca, ratio = em.pca_2d(feats)
         correct = em.knn_predict(tsne, labels, self.k) == labels
@@ -221,7 +269,7 @@ class ClassSeparation(Check):
                              "tsne_knn_accuracy": float(correct[mask].double().mean()),
                              "feature_knn_accuracy": float(feat_correct[mask].double().mean())})
         result = self.result(
-            metric="k-NN accuracy in the t-SNE map", value=accuracy, threshold=self.min_accuracy, rows=rows,
+            metric=metric, value=accuracy, threshold=self.min_accuracy, rows=rows,
             columns=["class", "samples", "tsne_knn_accuracy", "feature_knn_accuracy"],
             message=(f"{n} images, k = {self.k}, features = {where}, perplexity {perplexity:.3g}; k-NN accuracy "
                      f"{accuracy:.3f} in the t-SNE map, {pca_accuracy:.3f} in the PCA map, {feature_accuracy:.3f} "

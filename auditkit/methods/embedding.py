@@ -14,6 +14,9 @@
   equal distances are ordered by the lower index).
 - ``pca_2d``: the projection of the centred rows on their first two principal axes.
 - ``tsne_2d``: scikit-learn's t-SNE, deterministic (fixed random_state, one thread).
+
+k-NN and t-SNE refuse non-finite rows (numerics.require_finite), and t-SNE refuses rows that are all
+the same (features.rows_all_equal): scikit-learn's Barnes-Hut t-SNE segfaults on identical points.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auditkit.methods.features import layer_features
+from auditkit.methods.features import layer_features, rows_all_equal
+from auditkit.methods.numerics import require_finite
 from auditkit.subject import AuditModelError
 
 __all__ = [
@@ -138,6 +142,7 @@ def _check_knn(x: torch.Tensor, k: int, labels: torch.Tensor | None = None) -> N
         raise ValueError(f"k = {k} nearest neighbours need 1 <= k <= N - 1 = {n - 1} (N = {n} points, leave-one-out)")
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels have shape {tuple(labels.shape)}, expected ({n},) (one per row of the features)")
+    require_finite(x, "k-NN input", method="k nearest neighbours")
 
 
 def knn_indices(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -245,7 +250,8 @@ def tsne_2d(x: torch.Tensor, perplexity: float = 30.0, seed: int = 0) -> torch.T
     init="pca", random_state=seed) on float32 rows, run with one OpenMP thread
     (threadpoolctl): Barnes-Hut's result then does not depend on the thread
     count, and it does not stall on a busy machine. scikit-learn is imported
-    here, lazily; its absence is an ImportError that says how to install it.
+    here, lazily; its absence is an ImportError that says how to install it. Non-finite rows are a
+    NonFiniteError, rows that are all the same (rows_all_equal) a ValueError, both before scikit-learn runs.
     """
     try:
         from sklearn.manifold import TSNE
@@ -254,7 +260,12 @@ def tsne_2d(x: torch.Tensor, perplexity: float = 30.0, seed: int = 0) -> torch.T
         raise ImportError(
             "t-SNE maps need scikit-learn (sklearn.manifold.TSNE); install it with `pip install scikit-learn`"
         ) from exc
-    data = torch.as_tensor(x).detach().cpu().float().flatten(1).numpy()
+    x = torch.as_tensor(x).detach().cpu().float().flatten(1)
+    require_finite(x, "t-SNE input", method="t-SNE")
+    if rows_all_equal(x):
+        raise ValueError(f"t-SNE of {x.shape[0]} identical points (the same up to rounding) is undefined; "
+                         f"scikit-learn's t-SNE would crash on them")
+    data = x.numpy()
     perp = effective_perplexity(perplexity, data.shape[0])
     with threadpool_limits(limits=1):
         emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=int(seed)).fit_transform(data)

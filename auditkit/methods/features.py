@@ -13,6 +13,7 @@
 - ``invariance``: how little a layer's features move under a transform,
   relative to how far apart different images are.
 - ``dead_units``: channels whose output is never positive on the images.
+- ``rows_all_equal``: whether every image gave the same features, up to rounding.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from auditkit.methods.numerics import constant_rows
 from auditkit.subject import AuditModelError
 
 Transform = Callable[[torch.Tensor, float], torch.Tensor]
@@ -112,6 +114,14 @@ def features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], *,
 
     logits = _sweep(subject, images, layers, store)
     return {name: out[name] if name in out else torch.empty(0) for name in layers}, logits
+
+
+def rows_all_equal(x: torch.Tensor) -> bool:
+    """True when the rows of x (N x ...) are all the same up to rounding: every column of the N x D matrix
+    is constant by numerics.constant_rows (max - min <= rtol * max |value| over the N images). Fewer than
+    2 rows, or rows with no values, are trivially equal."""
+    flat = x.reshape(x.shape[0], -1)
+    return flat.shape[0] < 2 or bool(constant_rows(flat.T).all())
 
 
 # -- transforms ---------------------------------------------------------------
