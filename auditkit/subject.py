@@ -137,7 +137,6 @@ class Subject:
         self._state: _ModuleState | None = None
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._checked_output = False
         names = dict(spec.module.named_modules())
         layers = list(spec.layers) if spec.layers is not None else discover_layers(spec.module)
         for layer in layers:
@@ -244,10 +243,12 @@ class Subject:
                 f"model {self.name!r}: output has shape {tuple(out.shape)}, expected ({n}, {self.spec.num_classes}) "
                 f"= (batch, number of class_names)"
             )
-        if not self._checked_output or not out.requires_grad:
-            if not torch.isfinite(out).all():
-                raise AuditModelError(f"model {self.name!r}: output holds NaN or infinite values")
-            self._checked_output = True
+        bad = ~torch.isfinite(out.detach()).all(dim=1)  # every call, with or without autograd
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            shown = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+            raise AuditModelError(f"model {self.name!r}: output holds NaN or infinite values for {len(rows)} of "
+                                  f"{n} images in the batch (rows {shown})")
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -55,8 +55,9 @@ class DeletionInsertion(Check):
         images, labels = chosen_set.images(), chosen_set.labels()
         n, _, h, w = images.shape
 
-        maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None)
-        ours = dl.deletion_insertion_curves(subject, images, labels, maps, steps=self.steps,
+        ids = [audit_set[i].id or str(i) for i in chosen]
+        maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None, sample_ids=ids)
+        ours = dl.deletion_insertion_curves(subject, images, labels, maps, steps=self.steps, sample_ids=ids,
                                             generator=torch.Generator().manual_seed(self.seed))
         r = self.random_orders
         noise = dl.random_order_maps(n * r, h, w, seed=self.seed)
@@ -72,7 +73,7 @@ class DeletionInsertion(Check):
         worst = min(del_margin, ins_margin)
 
         rows = [{
-            "sample": audit_set[i].id or str(i),
+            "sample": ids[j],
             "deletion_auc": float(del_map[j]), "deletion_auc_random": float(del_rand[j]),
             "insertion_auc": float(ins_map[j]), "insertion_auc_random": float(ins_rand[j]),
         } for j, i in enumerate(chosen)]

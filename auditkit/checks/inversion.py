@@ -152,22 +152,24 @@ class InversionConverges(ConvergenceCheck):
 
     random_baseline: bool = True
 
-    def _invert(self, subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, inv.InversionResult]:
+    def _invert(self, subject, images: torch.Tensor, layers: Sequence[str],
+                sample_ids: Sequence[object]) -> dict[str, inv.InversionResult]:
         return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.lr,
                                  final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
-                                 seed=self.seed)
+                                 seed=self.seed, sample_ids=sample_ids)
 
     def run(self, subject, audit_set) -> CheckResult:
         from auditkit.subject import Subject
 
         layers, indices, images = layers_and_sources(self, subject, audit_set)
 
-        results = self._invert(subject, images, layers)
+        ids = [audit_set[i].id or str(i) for i in indices]
+        results = self._invert(subject, images, layers, ids)
         randoms: dict[str, inv.InversionResult] = {}
         if self.random_baseline:
             random_module = random_copy(subject.module, self.seed)
             with Subject(dataclasses.replace(subject.spec, module=random_module), device=subject.device) as rnd:
-                randoms = self._invert(rnd, images, layers)
+                randoms = self._invert(rnd, images, layers, ids)
         rows = [self._row(layer, results[layer], randoms.get(layer), images) for layer in layers]
 
         rmse = [r["pixel_rmse"] for r in rows]

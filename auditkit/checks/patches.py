@@ -94,7 +94,9 @@ class MaxActivatingPatches(Check):
             subject.layer(layer)  # unknown layers fail here, listing the valid ones
         images = audit_set.images()
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        tops = pt.top_activations(subject, images, layers, self.top, distinct_images=self.distinct_images)
+        ids = [sample.id or str(i) for i, sample in enumerate(audit_set)]
+        tops = pt.top_activations(subject, images, layers, self.top, distinct_images=self.distinct_images,
+                                  sample_ids=ids)
         chosen = self._selection(tops, auto_layers)
 
         rows, evidence, fields = [], [], {}
@@ -107,7 +109,7 @@ class MaxActivatingPatches(Check):
             k = values.shape[1]
             units = torch.stack([image.flatten(), idx.repeat_interleave(k), y.flatten(), x.flatten()], 1)
             patches = pt.crop_units(images[units[:, 0]], rf, units[:, 2], units[:, 3], fill=0.5)
-            proj = pt.crop_units(pt.deconv_projections(subject, images, layer, units), rf, units[:, 2], units[:, 3])
+            proj = pt.crop_units(pt.deconv_projections(subject, images, layer, units, ids), rf, units[:, 2], units[:, 3])
             shown = pt.display_projection(proj)
             for r, channel in enumerate(chans):
                 rows.append({

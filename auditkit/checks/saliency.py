@@ -64,7 +64,8 @@ class SaliencyInBox(Check):
         boxes = [sample.boxes for sample in boxed]
         n, _, h, w = images.shape
 
-        maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None)
+        ids = [audit_set[i].id or str(i) for i in usable]
+        maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None, sample_ids=ids)
         prior = sal.centre_prior(n, h, w)
         ours, centre = self._score(maps, inside, boxes), self._score(prior, inside, boxes)
         passed = ours["passed"]
@@ -72,7 +73,7 @@ class SaliencyInBox(Check):
         prior_rate = float(centre["passed"].float().mean())
 
         rows = [{
-            "sample": audit_set[i].id or str(i),
+            "sample": ids[j],
             "energy": float(ours["energy"][j]), "lift": float(ours["lift"][j]), "hit": bool(ours["hit"][j]),
             "prior_energy": float(centre["energy"][j]), "prior_lift": float(centre["lift"][j]),
             "prior_hit": bool(centre["hit"][j]), "passed": bool(passed[j]),

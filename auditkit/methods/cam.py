@@ -8,14 +8,18 @@ For the activation A (N x K x h x w) of a layer and the target logit f_t:
 then bilinearly upsampled to the input size (align_corners=False). A is
 captured by a forward hook that keeps the graph (``subject.capture(...,
 detach=False)``) and d f_t / d A comes from torch.autograd.grad: no backward
-hooks on modules, the model is never changed.
+hooks on modules, the model is never changed. The maps are checked by numerics.require_finite: a
+NaN or inf raises NonFiniteError naming the method, the layer and the samples.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from auditkit.methods.gradients import _check
+from auditkit.methods.numerics import require_finite
 
 __all__ = ["grad_cam"]
 
@@ -42,11 +46,13 @@ def grad_cam(
     targets: torch.Tensor,
     layer: str | None = None,
     upsample: bool = True,
+    sample_ids: Sequence[object] | None = None,
 ) -> torch.Tensor:
     """Grad-CAM maps, N x H x W on the CPU (N x h x w at the layer's resolution when upsample=False).
 
     layer: a name from named_modules(); default the deepest of subject.layers.
-    Chunked by subject.batch_size.
+    Chunked by subject.batch_size. A non-finite map raises NonFiniteError naming the layer and the
+    samples (by `sample_ids` when given, else by index).
     """
     targets = _check(subject, images, targets)
     if layer is None:
@@ -62,4 +68,5 @@ def grad_cam(
             cam = F.interpolate(cam.unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
                                 align_corners=False).squeeze(1)
         out.append(cam.float().cpu())
-    return torch.cat(out) if out else torch.empty(0, *images.shape[-2:])
+    maps = torch.cat(out) if out else torch.empty(0, *images.shape[-2:])
+    return require_finite(maps, "attribution map", method="grad_cam", layer=layer, sample_ids=sample_ids)

@@ -15,10 +15,11 @@ over pixels in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from auditkit.methods.numerics import require_finite
 from auditkit.methods.occlusion import baseline_images
 
 
@@ -65,6 +66,7 @@ def deletion_insertion_curves(
     insertion_baseline: str = "blur",
     generator: torch.Generator | None = None,
     progress: Callable[[int, int], None] | None = None,
+    sample_ids: Sequence[object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deletion and insertion curves of p(target | perturbed image), each N x (steps + 1).
 
@@ -72,12 +74,15 @@ def deletion_insertion_curves(
     (pixels removed / revealed at each step) and "fractions" (k / steps, the x of auc()).
     Column 0 of deletion is the intact image's probability; its last column the
     all-baseline image's. Insertion runs the other way (baseline -> intact image).
+    A map holding NaN or inf has no pixel order: NonFiniteError, naming the samples (by `sample_ids`
+    when given).
     """
     if images.ndim != 4:
         raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
     n, _, h, w = images.shape
     if maps.shape != (n, h, w):
         raise ValueError(f"maps must be N x H x W = {(n, h, w)}, got {tuple(maps.shape)}")
+    require_finite(maps, "saliency map", method="deletion-insertion", sample_ids=sample_ids)
     images = images.detach().float().cpu()
     targets = targets.view(-1).long().cpu()
     counts = step_counts(steps, h * w)

@@ -10,7 +10,10 @@ The forward always runs under torch.enable_grad() on a detached clone of the
 images (requires_grad=True), in chunks of ``subject.batch_size``, on the
 Subject's device; the model is never changed (the Subject already turned
 requires_grad off on its parameters, so only the input gets a gradient).
-Attributions come back on the CPU.
+Attributions come back on the CPU, and always finite: each method checks its result with
+numerics.require_finite, so a NaN or inf (a model whose gradient is not finite for some image, even
+when its logits are) raises NonFiniteError naming the method and the samples; pass
+``sample_ids=`` (one id per image) to have them named by id instead of index.
 
 - gradient:             d f_t / d x                          (Simonyan et al. 2014)
 - input_x_gradient:     x * d f_t / d x                      (Shrikumar et al. 2016)
@@ -22,11 +25,14 @@ Attributions come back on the CPU.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+import functools
+from typing import Callable, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from auditkit.methods.numerics import require_finite
 
 Reduce = Literal["sum", "abs_sum", "max_abs"]
 IGMethod = Literal["riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"]
@@ -46,6 +52,24 @@ __all__ = [
 
 
 # -- helpers ---------------------------------------------------------------
+_Method = TypeVar("_Method", bound=Callable[..., torch.Tensor])
+
+
+def finite_attribution(method: str) -> Callable[[_Method], _Method]:
+    """Decorate an attribution method so that its result goes through require_finite.
+
+    The wrapped function takes an extra keyword ``sample_ids`` (one id per image, or None for
+    indices), used only to name the samples at fault in the NonFiniteError.
+    """
+    def wrap(fn: _Method) -> _Method:
+        @functools.wraps(fn)
+        def guarded(subject, images, targets, *args, sample_ids: Sequence[object] | None = None, **kwargs):
+            out = fn(subject, images, targets, *args, **kwargs)
+            return require_finite(out, "attribution map", method=method, sample_ids=sample_ids)
+        return guarded  # type: ignore[return-value]
+    return wrap
+
+
 def _check(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Targets as an int64 CPU vector of length N; shape errors name what was expected."""
     if images.ndim != 4:
@@ -99,16 +123,19 @@ def to_map(attr: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
 
 
 # -- plain gradients --------------------------------------------------------
+@finite_attribution("gradient")
 def gradient(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Saliency (Simonyan et al.): d f_t(x) / d x, N x C x H x W on the CPU (signed; no abs)."""
     return _chunked_grad(subject, images, targets)
 
 
+@finite_attribution("input_x_gradient")
 def input_x_gradient(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Input x gradient: x * d f_t(x) / d x, N x C x H x W on the CPU."""
     return images.detach().float().cpu() * _chunked_grad(subject, images, targets)
 
 
+@finite_attribution("smoothgrad")
 def smoothgrad(
     subject,
     images: torch.Tensor,
@@ -188,6 +215,7 @@ def _baseline_like(subject, images: torch.Tensor, baseline: float | torch.Tensor
         raise ValueError(f"baseline of shape {tuple(b.shape)} does not broadcast to images {tuple(x.shape)}") from exc
 
 
+@finite_attribution("integrated_gradients")
 def integrated_gradients(
     subject,
     images: torch.Tensor,
@@ -285,12 +313,14 @@ def relu_backward_override(module: nn.Module, rule: Literal["guided", "deconvnet
                 sub.forward = old
 
 
+@finite_attribution("guided_backprop")
 def guided_backprop(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Guided backprop: d f_t / d x with every ReLU's backward g_in = [x > 0] * relu(g_out); N x C x H x W."""
     with relu_backward_override(subject.module, "guided"):
         return _chunked_grad(subject, images, targets)
 
 
+@finite_attribution("deconvnet")
 def deconvnet(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Deconvnet: d f_t / d x with every ReLU's backward g_in = relu(g_out); N x C x H x W."""
     with relu_backward_override(subject.module, "deconvnet"):

@@ -17,7 +17,9 @@ kept for fidelity to the paper and weighted lightly.
 
 A layer whose output for x0 is all zeros (||f_l(x0)|| = 0) makes E_feat 0/0: for those images
 `zero_norm` is set, the feature term falls back to the unnormalised ||f_l(x) - f_l(x0)||^2, and
-`final_error` is NaN. Diverged images (non-finite loss) also get a NaN `final_error`.
+`final_error` is NaN. Diverged images (non-finite loss or gradient, or features of the final image that
+are not finite) also get a NaN `final_error`. Features of the images to invert that are not finite raise
+NonFiniteError (numerics.require_finite): there is nothing to invert towards.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from typing import Sequence
 
 import torch
 
+from auditkit.methods.numerics import require_finite
 from auditkit.methods.optimise import forward_to, optimise
 
 #: Default weights, chosen so that the feature term dominates (it starts near 1 and should fall
@@ -74,11 +77,14 @@ def total_variation(x: torch.Tensor, beta: float) -> torch.Tensor:
 def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps: int = 150, lr: float = 0.1,
                   final_lr_ratio: float = 0.01, lambda_alpha: float = LAMBDA_ALPHA, alpha: float = 6.0,
                   lambda_tv: float = LAMBDA_TV, beta: float = 2.0, jitter: int = 0,
-                  parametrisation: str = "sigmoid", seed: int = 0) -> dict[str, InversionResult]:
+                  parametrisation: str = "sigmoid", seed: int = 0,
+                  sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
     """Reconstruct `images` (N x C x H x W pixels in [0, 1]) from the features of each of `layers`.
 
     All layers and images are optimised together as one batch of len(layers) * N images; see the module doc.
-    Returns layer -> InversionResult, in the order of `layers`.
+    Returns layer -> InversionResult, in the order of `layers`. Features of `images` that are not finite
+    (or whose squared norm overflows) leave nothing to invert towards: NonFiniteError naming the layer and
+    the samples (by `sample_ids` when given).
     """
     layers = list(dict.fromkeys(layers))
     if not layers:
@@ -91,6 +97,11 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
     with torch.no_grad():
         acts = forward_to(subject, x0, layers)
     targets = [acts[layer].detach().flatten(1).float() for layer in layers]
+    for layer, target in zip(layers, targets):
+        require_finite(target, "layer output of the images to invert", method="inversion", layer=layer,
+                       sample_ids=sample_ids)
+        require_finite(target.pow(2).sum(1), "squared norm of the layer output (overflow)", method="inversion",
+                       layer=layer, sample_ids=sample_ids)
     norm2 = torch.stack([t.pow(2).sum(1) for t in targets])  # groups x N
     zero_norm = norm2 == 0
     denom = torch.where(zero_norm, torch.ones_like(norm2), norm2)
@@ -105,25 +116,27 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
         return {"feature": feature, "alpha": a, "tv": tv, "total": feature + lambda_alpha * a + lambda_tv * tv}
 
     shape = (groups * n, *x0.shape[1:])
-    if not torch.isfinite(norm2).all():  # the targets themselves are NaN / inf: nothing to optimise towards
-        bad = ~torch.isfinite(norm2).cpu().flatten()
-        curves = {k: torch.empty(0, groups * n) for k in ("feature", "alpha", "tv", "total")}
-        recon, diverged, diverged_step, done = torch.full(shape, 0.5), bad, 0, 0
-    else:
-        run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
-                       parametrisation=parametrisation, seed=seed, device=device)
-        curves, recon, diverged = run.curves, run.images, run.diverged
-        diverged_step, done = run.diverged_step, run.steps
+    run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
+                   parametrisation=parametrisation, seed=seed, device=device)
+    curves, recon, diverged = run.curves, run.images, run.diverged.clone()
+    diverged_step, done = run.diverged_step, run.steps
 
     with torch.no_grad():
         final = forward_to(subject, recon.to(device), layers)
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
               "parametrisation": parametrisation, "seed": seed}
+    errors = [(final[layer][g * n:(g + 1) * n].flatten(1).float() - targets[g]).norm(dim=1) / norm2[g].sqrt()
+              for g, layer in enumerate(layers)]
+    # the last Adam step moved the images after their loss was checked: features that are not finite
+    # there diverged at the step after the last one
+    late = ~torch.isfinite(torch.cat(errors)).cpu() & ~diverged & ~zero_norm.flatten().cpu()
+    if bool(late.any()):
+        diverged, diverged_step = diverged | late, done if diverged_step is None else diverged_step
     results = {}
     for g, layer in enumerate(layers):
         rows = slice(g * n, (g + 1) * n)
-        err = (final[layer][rows].flatten(1).float() - targets[g]).norm(dim=1) / norm2[g].sqrt()
+        err = errors[g]
         bad = zero_norm[g] | diverged[rows].to(err.device)
         err = torch.where(bad, torch.full_like(err, math.nan), err)
         results[layer] = InversionResult(

@@ -17,8 +17,10 @@ recorded as curves too. The loop owns everything else:
 - optional jitter: at each step the objective sees the batch rolled by a random shift of up to `jitter`
   pixels in each direction (one shift for the whole batch, drawn from the seeded generator);
 - per-term, per-image loss curves (steps_done x N, on the CPU);
-- NaN / inf detection: a non-finite "total" stops the loop at that step; `diverged` marks the images
-  whose total was not finite and `diverged_step` is the step. The images returned are those of that step.
+- NaN / inf detection: a non-finite "total", or a non-finite gradient of it (a finite loss can have
+  one), stops the loop at that step before the parameters move; `diverged` marks the images whose total
+  or gradient was not finite and `diverged_step` is the step. The images returned are those of that
+  step, so they are always finite; a check must fail (or error) on any diverged image, never pass.
 
 Everything is batched: one objective call (so one forward and one backward) per step for the whole batch.
 `forward_to` gives an objective the outputs of named layers and stops the forward once all are computed.
@@ -160,12 +162,14 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
             for key, value in terms.items():
                 curves.setdefault(key, []).append(value.detach().float())
             done = step + 1
-            bad = ~torch.isfinite(terms["total"].detach())
-            if bool(bad.any()):
-                diverged, diverged_step = bad.cpu(), step
-                break
             opt.zero_grad(set_to_none=True)
             terms["total"].sum().backward()
+            bad = ~torch.isfinite(terms["total"].detach())
+            if params.param.grad is not None:  # a finite loss can still have a NaN gradient (sqrt at 0, where traps)
+                bad = bad | ~torch.isfinite(params.param.grad).flatten(1).all(1)
+            if bool(bad.any()):  # one sync per step; the images stay those this step saw
+                diverged, diverged_step = bad.cpu(), step
+                break
             opt.step()
             sched.step()
     with torch.no_grad():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from auditkit.methods.gradients import relu_backward_override
+from auditkit.methods.numerics import require_finite
 from auditkit.methods.optimise import forward_to
 from auditkit.subject import AuditModelError, copy_without_hooks
 
@@ -335,8 +336,8 @@ def _candidates(out: torch.Tensor, first: int, top: int, distinct: bool):
 class _RunningTop:
     """The running top-k candidates per layer, updated by forward hooks chunk after chunk."""
 
-    def __init__(self, top: int, distinct: bool):
-        self.top, self.distinct = top, distinct
+    def __init__(self, top: int, distinct: bool, sample_ids: Sequence[object] | None = None):
+        self.top, self.distinct, self.sample_ids = top, distinct, sample_ids
         self.first, self.seen = 0, set()  # index of the chunk's first image; layers seen in this chunk
         self.state: dict[str, tuple[torch.Tensor, ...]] = {}  # layer -> (values, image, flat position), C x k
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -347,6 +348,9 @@ class _RunningTop:
                 return
             self.seen.add(name)
             out = _map_output(out, name)
+            ids = (self.sample_ids[self.first:] if self.sample_ids is not None
+                   else range(self.first, self.first + out.shape[0]))
+            require_finite(out.detach(), "layer output", method="top_activations", layer=name, sample_ids=ids)
             self.shapes[name] = (int(out.shape[2]), int(out.shape[3]))
             new = _candidates(out, self.first, self.top, self.distinct)
             old = self.state.get(name)
@@ -364,6 +368,7 @@ def top_activations(
     top: int = 9,
     *,
     distinct_images: bool = True,
+    sample_ids: Sequence[object] | None = None,
 ) -> dict[str, TopUnits]:
     """Per layer, per channel, the `top` largest activations over (image, y, x).
 
@@ -372,7 +377,9 @@ def top_activations(
     otherwise fill the list with near-copies of one patch); False ranks every (image, y, x). Ties keep the
     earlier image (and, within an image, the first position). Images go through the model in chunks of
     subject.batch_size under torch.no_grad(); each layer's output is reduced inside its forward hook (so a
-    later in-place op cannot alter it) and only C x top candidates are kept between chunks.
+    later in-place op cannot alter it) and only C x top candidates are kept between chunks. A layer output
+    holding NaN or inf raises NonFiniteError naming the layer and the images (by `sample_ids`, one per image,
+    when given; else by index).
     """
     if top < 1:
         raise ValueError(f"top must be >= 1, got {top}")
@@ -381,7 +388,7 @@ def top_activations(
     layers = list(dict.fromkeys(layers))
     for name in layers:
         subject.layer(name)
-    running = _RunningTop(top, distinct_images)
+    running = _RunningTop(top, distinct_images, sample_ids)
     size = max(1, int(subject.batch_size))
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for name in layers:
@@ -406,14 +413,16 @@ def top_activations(
 # -- DeconvNet projections --------------------------------------------------------------------------
 
 
-def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.Tensor) -> torch.Tensor:
+def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.Tensor,
+                       sample_ids: Sequence[object] | None = None) -> torch.Tensor:
     """DeconvNet projection of single units to the pixels: U x C x H x W on the CPU.
 
     units: U x 4 int64 rows (image index into `images`, channel, y, x). Row u is
     d a_u / d pixels of image u's copy, where a_u is the layer's (first) output at (channel, y, x) and every
     nn.ReLU's backward is g_in = relu(g_out) (Zeiler & Fergus: rectified "unpooling"; conv backward =
     transposed filters; max-pool backward = their switches). Pixels outside the unit's receptive field are
-    exactly 0. The forward stops at the layer; rows go in chunks of subject.batch_size.
+    exactly 0. The forward stops at the layer; rows go in chunks of subject.batch_size. A projection that is
+    not finite raises NonFiniteError naming the layer and the units (their image by `sample_ids` when given).
     """
     subject.layer(layer)
     units = torch.as_tensor(units, dtype=torch.int64).reshape(-1, 4).cpu()
@@ -438,7 +447,10 @@ def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.T
                 picked = out[r.to(out.device), c.to(out.device), y.to(out.device), xx.to(out.device)]
                 (grad,) = torch.autograd.grad(picked.sum(), x)  # row u's gradient is d a_u / d x_u alone
             out_parts.append(grad.float().cpu())
-    return torch.cat(out_parts) if out_parts else torch.empty(0, *images.shape[1:])
+    projections = torch.cat(out_parts) if out_parts else torch.empty(0, *images.shape[1:])
+    names = [f"image {sample_ids[i] if sample_ids is not None else i!r} channel {c} at ({y}, {x})"
+             for i, c, y, x in units.tolist()]
+    return require_finite(projections, "deconvnet projection", method="deconvnet", layer=layer, sample_ids=names)
 
 
 # -- crops ------------------------------------------------------------------------------------------

@@ -27,16 +27,20 @@ METHODS: tuple[str, ...] = tuple(_REDUCE) + ("grad_cam",)
 
 
 def saliency_map(subject, images: torch.Tensor, targets: torch.Tensor, method: str = "grad_cam",
-                 layer: str | None = None, **options) -> torch.Tensor:
-    """The N x H x W map of `method` (one of METHODS) for the target classes, on the CPU."""
+                 layer: str | None = None, sample_ids: Sequence[object] | None = None, **options) -> torch.Tensor:
+    """The N x H x W map of `method` (one of METHODS) for the target classes, on the CPU.
+
+    Always finite: each method checks its own map, so a NaN or inf raises NonFiniteError naming the
+    method, the layer (Grad-CAM) and the samples (by `sample_ids`, one per image, when given).
+    """
     from auditkit.methods import cam, gradients
 
     if method == "grad_cam":
-        return cam.grad_cam(subject, images, targets, layer=layer or None, **options)
+        return cam.grad_cam(subject, images, targets, layer=layer or None, sample_ids=sample_ids, **options)
     if method not in _REDUCE:
         raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
     fn: Callable = getattr(gradients, method)
-    return gradients.to_map(fn(subject, images, targets, **options), _REDUCE[method])
+    return gradients.to_map(fn(subject, images, targets, sample_ids=sample_ids, **options), _REDUCE[method])
 
 
 def energy_in_box(maps: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
