@@ -11,7 +11,10 @@
     baseline = "blur"               # the check's parameters
 
 A file given with --audit-config may hold the same keys at its top level or
-under [tool.auditkit]. This module imports no torch.
+under [tool.auditkit]. Without it, the configuration is the [tool.auditkit]
+table of the nearest pyproject.toml that has one, searched upward from the
+directory pytest was invoked in (never from pytest's rootdir, which moves
+with the paths on the command line). This module imports no torch.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 KEYS = ("dataset", "device", "report_dir", "batch_size", "checks")
+DEFAULT_REPORT_DIR = "audit-report"
 
 
 class AuditConfigError(ValueError):
@@ -39,25 +43,41 @@ class AuditConfig:
     report_dir: str | None = None
     batch_size: int | None = None
     checks: list[dict[str, Any]] = field(default_factory=list)
-    source: str = "(defaults)"
+    source: str = "(defaults: no pyproject.toml with [tool.auditkit] found)"
+    folder: Path | None = None  # the configuration file's folder: relative report_dir is taken from here
+
+    def report_path(self, option: str | None, invocation_dir: str | Path) -> Path:
+        """The report folder: --audit-report (relative to the invocation directory), else
+        report_dir (relative to the configuration file), else audit-report beside the file
+        (or in the invocation directory when there is no file)."""
+        if option:
+            return (Path(invocation_dir) / option).resolve()
+        base = self.folder if self.folder is not None else Path(invocation_dir)
+        return (base / (self.report_dir or DEFAULT_REPORT_DIR)).resolve()
 
 
-def load_config(path: str | Path | None = None, rootdir: str | Path = ".") -> AuditConfig:
-    """Read `path`, else rootdir/pyproject.toml's [tool.auditkit]; neither gives the defaults."""
+def load_config(path: str | Path | None = None, invocation_dir: str | Path = ".") -> AuditConfig:
+    """Read `path` (relative to invocation_dir), else the nearest pyproject.toml with a
+    [tool.auditkit] table in invocation_dir or above it; neither gives the defaults."""
+    start = Path(invocation_dir).resolve()
     if path is not None:
-        file = Path(path)
+        file = start / path
         if not file.is_file():
             raise AuditConfigError(f"audit config {file}: file not found")
         data = _read_toml(file)
         table = data.get("tool", {}).get("auditkit", data)
     else:
-        file = Path(rootdir) / "pyproject.toml"
-        if not file.is_file():
+        for folder in (start, *start.parents):
+            file = folder / "pyproject.toml"
+            if file.is_file():
+                table = _read_toml(file).get("tool", {}).get("auditkit")
+                if table is not None:
+                    break
+        else:
             return AuditConfig()
-        table = _read_toml(file).get("tool", {}).get("auditkit")
-        if table is None:
-            return AuditConfig(source=f"{file} (no [tool.auditkit])")
-    return parse_table(table, str(file))
+    config = parse_table(table, str(file))
+    config.folder = file.parent
+    return config
 
 
 def _read_toml(file: Path) -> dict[str, Any]:
@@ -66,6 +86,10 @@ def _read_toml(file: Path) -> dict[str, Any]:
             return tomllib.load(handle)
     except tomllib.TOMLDecodeError as exc:
         raise AuditConfigError(f"audit config {file}: invalid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise AuditConfigError(f"audit config {file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except OSError as exc:
+        raise AuditConfigError(f"audit config {file}: cannot be read: {exc}") from exc
 
 
 def parse_table(table: dict[str, Any], source: str) -> AuditConfig:

@@ -8,6 +8,7 @@ controller (xdist-aware) writes index.html and audit.json at the end.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import pytest
 from auditkit.registry import DATASETS, MODELS, UnknownNameError
 
 SESSION_KEY = pytest.StashKey["Any"]()
-RESULT_PROPERTY = "auditkit_result"
-MODEL_PROPERTY = "auditkit_model"
-EVIDENCE_PROPERTY = "auditkit_evidence"
+RESULT_KEY = pytest.StashKey["tuple"]()  # (result dict, model info) of an audit item, once it ran
+EVIDENCE_KEY = pytest.StashKey["list"]()  # evidence dicts a plain test recorded
+STAGING_INPUT = "auditkit_staging"  # xdist workerinput key: the run's staging folder
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,26 +46,51 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from auditkit.checks.base import CheckConfigError
     from auditkit.config import AuditConfigError, load_config
-    from auditkit.runner import DEFAULT_REPORT_DIR, AuditSession
+    from auditkit.reportdir import ReportFolderError, make_staging
+    from auditkit.runner import AuditSession
 
     for name in models:
         if not MODELS.has(name):
             raise pytest.UsageError(MODELS.unknown_message(name))
+    batch_size = config.getoption("audit_batch_size")
+    if batch_size is not None and batch_size < 1:
+        raise pytest.UsageError(f"--audit-batch-size must be a positive integer, got {batch_size}")
+    invocation_dir = Path(config.invocation_params.dir)
     try:
-        settings = load_config(config.getoption("audit_config"), config.rootpath)
+        for name in models:
+            MODELS.check_importable(name)
+        settings = load_config(config.getoption("audit_config"), invocation_dir)
         dataset = config.getoption("audit_dataset") or settings.dataset
         if dataset and not DATASETS.has(dataset):
             raise pytest.UsageError(DATASETS.unknown_message(dataset))
-        report_dir = config.getoption("audit_report") or settings.report_dir or DEFAULT_REPORT_DIR
+        if dataset:
+            DATASETS.check_importable(dataset)
+        target = settings.report_path(config.getoption("audit_report"), invocation_dir)
+        if _is_worker(config):
+            staging = Path(config.workerinput[STAGING_INPUT])
+        else:
+            staging = make_staging(target)
         session = AuditSession(
             models=list(dict.fromkeys(models)), config=settings, dataset=dataset,
-            device=config.getoption("audit_device"), batch_size=config.getoption("audit_batch_size"),
-            report_dir=Path(config.rootpath, report_dir) if not Path(report_dir).is_absolute() else Path(report_dir),
+            device=config.getoption("audit_device"), batch_size=batch_size, report_dir=staging,
         )
-    except (AuditConfigError, CheckConfigError, UnknownNameError) as exc:
+    except (AuditConfigError, CheckConfigError, UnknownNameError, ReportFolderError) as exc:
         raise pytest.UsageError(str(exc)) from exc
     config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(AuditReporter(config), "auditkit-reporter")
+    if not _is_worker(config):
+        config.pluginmanager.register(AuditReporter(config, session, staging, target), "auditkit-reporter")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    """Which configuration file the audit read, and where its report goes."""
+    session = _session(config)
+    if session is None or _is_worker(config):
+        return None
+    reporter = config.pluginmanager.get_plugin("auditkit-reporter")
+    lines = [f"auditkit: configuration {session.config.source}"]
+    if reporter is not None:
+        lines.append(f"auditkit: report to {_display_path(reporter.target)}")
+    return lines
 
 
 def _session(config: pytest.Config):
@@ -97,7 +123,12 @@ class AuditCollector(pytest.Collector):
 
 
 class AuditItem(pytest.Item):
-    """`audit[MODEL]::CHECK`: runs one check on one model."""
+    """`audit[MODEL]::CHECK`: runs one check on one model.
+
+    The check runs in the setup phase, so a check that could not run (ERROR)
+    is a pytest error (JUnit <error>), and a check whose condition fails is
+    a test failure (JUnit <failure>) raised in the call phase.
+    """
 
     def __init__(self, *, model: str, check: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -106,16 +137,19 @@ class AuditItem(pytest.Item):
         self.result = None
         self.add_marker("audit")
 
-    def runtest(self) -> None:
+    def setup(self) -> None:
         session = _session(self.config)
         result = session.run(self.model, self.check)
         self.result = result
-        self.user_properties.append((RESULT_PROPERTY, result.to_dict()))
-        self.user_properties.append((MODEL_PROPERTY, session.model_info(self.model)))
+        self.stash[RESULT_KEY] = (result.to_dict(), session.model_info(self.model))
+        for key, value in junit_properties(result):
+            self.user_properties.append((key, value))
         if result.status.value == "error":
             raise AuditCheckError(result)
-        if result.status.value == "failed":
-            raise AuditCheckFailed(result)
+
+    def runtest(self) -> None:
+        if self.result is not None and self.result.status.value == "failed":
+            raise AuditCheckFailed(self.result)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, (AuditCheckFailed, AuditCheckError)):
@@ -132,6 +166,33 @@ class AuditItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.path, None, f"audit[{self.model}]::{self.name}"
+
+
+def junit_properties(result: Any) -> list[tuple[str, str]]:
+    """Short JUnit properties of a result: status, metric, value, threshold (no Python reprs)."""
+    props = [("audit_status", result.status.value)]
+    if result.metric:
+        props.append(("audit_metric", result.metric[:80]))
+    if result.value is not None:
+        props.append(("audit_value", f"{result.value:.6g}"))
+    if result.threshold is not None:
+        props.append(("audit_threshold", f"{result.direction} {result.threshold:.6g}"))
+    return props
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:
+    """Carry an audit item's result (and a plain test's evidence) on its report, across xdist too."""
+    report = yield
+    if call.excinfo is not None and isinstance(call.excinfo.value, (AuditCheckFailed, AuditCheckError)):
+        report.longrepr = item.repr_failure(call.excinfo)  # pytest formats setup errors without repr_failure
+    stashed = item.stash.get(RESULT_KEY, None)
+    if stashed is not None and call.when == "setup":
+        report.auditkit_result, report.auditkit_model = stashed
+    evidence = item.stash.get(EVIDENCE_KEY, None)
+    if evidence and call.when == "call":
+        report.auditkit_evidence = list(evidence)
+    return report
 
 
 def _short(value: Any) -> str:
@@ -181,20 +242,26 @@ def audit_set(request: pytest.FixtureRequest, audit_model: str):
 
 
 class EvidenceRecorder:
-    """Adds pictures from a plain test to the audit report (saved at once under evidence/)."""
+    """Adds pictures from a plain test to the audit report (saved at once under the report's evidence/).
 
-    def __init__(self, item: pytest.Item, report_dir: Path) -> None:
+    Without an audit (no --audit-model) there is no report: the pictures are
+    drawn but not kept, so no file is left behind.
+    """
+
+    def __init__(self, item: pytest.Item, report_dir: Path | None) -> None:
         self._item = item
         self._dir = report_dir
         self._count = 0
 
     def add(self, evidence: Any) -> None:
         """Save an auditkit Evidence and list it with this test in the report."""
-        from auditkit.checks.base import safe_filename
+        if self._dir is None:
+            return
+        from auditkit.reportdir import evidence_stem
 
-        evidence.save(self._dir / "evidence", f"test__{safe_filename(self._item.nodeid)}__{self._count:02d}")
+        evidence.save(self._dir, evidence_stem("test", self._item.nodeid, index=self._count))
         self._count += 1
-        self._item.user_properties.append((EVIDENCE_PROPERTY, evidence.to_dict()))
+        self._item.stash.setdefault(EVIDENCE_KEY, []).append(evidence.to_dict())
 
     def image(self, title: str, image: Any, caption: str = "") -> None:
         """A picture from a C x H x W tensor in [0, 1] or a PIL image."""
@@ -219,79 +286,129 @@ class EvidenceRecorder:
 def audit_evidence(request: pytest.FixtureRequest) -> EvidenceRecorder:
     """A recorder whose pictures appear with this test in the audit report."""
     audit = _session(request.config)
-    from auditkit.runner import DEFAULT_REPORT_DIR
-
-    report_dir = audit.report_dir if audit is not None else Path(request.config.rootpath, DEFAULT_REPORT_DIR)
-    return EvidenceRecorder(request.node, report_dir)
+    return EvidenceRecorder(request.node, audit.report_dir if audit is not None else None)
 
 
 # -- results and the report ----------------------------------------------------------
 class AuditReporter:
-    """Collects results on the process that writes the report (the controller under xdist) and writes it."""
+    """On the process that writes the report (the controller under xdist): journals the run as it goes,
+    then writes the report from the journal and publishes the folder (auditkit.journal.finalise).
 
-    def __init__(self, config: pytest.Config) -> None:
+    A watchdog process finalises the journal instead when this process dies first.
+    """
+
+    def __init__(self, config: pytest.Config, session: Any, staging: Path, target: Path) -> None:
+        from auditkit import watchdog
+        from auditkit.journal import Journal
+
         self.config = config
-        self.results: dict[str, dict] = {}
-        self.models: dict[str, dict] = {}
-        self.tests: dict[str, dict] = {}
-        self.written: tuple[Path, list] | None = None
+        self.staging = staging
+        self.target = target
+        self.planned = {f"audit[{model}]::{check.name}": (model, check) for model in session.models
+                        for check in session.checks}
+        self.resulted: set[str] = set()
+        self.xdist_collected: set[str] | None = None
+        self.finished = False
+        self.written: Path | None = None  # index.html once published
+        self.journal = Journal(staging)
+        self.journal.write(
+            "meta", models=session.models, started=session.started, command=_command(config),
+            config=session.config.source,
+            planned=[{"nodeid": n, "model": m, "check": c.name, "kind": c.kind} for n, (m, c) in self.planned.items()],
+        )
+        self.watchdog = watchdog.start(staging, target)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist: every worker writes its evidence into this run's staging folder."""
+        node.workerinput[STAGING_INPUT] = str(self.staging)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        self.xdist_collected = (self.xdist_collected or set()) | set(ids)
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        ids = [item.nodeid for item in items if item.nodeid in self.planned]
+        if ids:
+            self.journal.write("deselected", nodeids=ids)
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        if nodeid in self.planned:
+            self.journal.write("begin", nodeid=nodeid)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if report.when != "call":
-            return
-        props = report.user_properties or []
-        for key, value in props:
-            if key == RESULT_PROPERTY:
-                self.results[report.nodeid] = value
-            elif key == MODEL_PROPERTY:
-                self.models[value["name"]] = value
-        evidence = [v for k, v in props if k == EVIDENCE_PROPERTY]
-        if evidence and report.nodeid not in self.results:
-            self.tests[report.nodeid] = {
-                "outcome": report.outcome, "duration": report.duration, "evidence": evidence,
-                "longrepr": str(report.longrepr) if report.failed else "",
-            }
-
-    def check_results(self) -> list:
-        """Audit results, then plain tests that recorded evidence, as CheckResults."""
-        from auditkit.checks.base import CheckResult, Evidence, Status
-
-        results = [CheckResult.from_dict(d) for d in self.results.values()]
-        for nodeid, test in self.tests.items():
-            results.append(CheckResult(
-                check=nodeid, kind="test", title=nodeid, duration_s=test["duration"],
-                status=Status.PASSED if test["outcome"] == "passed" else Status.FAILED,
-                message=test["longrepr"][-2000:], evidence=[Evidence.from_dict(e) for e in test["evidence"]],
-            ))
-        return results
+        nodeid = report.nodeid
+        result = getattr(report, "auditkit_result", None)
+        if result is not None and nodeid not in self.resulted:
+            self.resulted.add(nodeid)
+            self.journal.write("result", nodeid=nodeid, result=result, model_info=getattr(report, "auditkit_model", {}))
+        elif nodeid in self.planned and report.failed and nodeid not in self.resulted:
+            # the item ended without a result: e.g. its xdist worker crashed
+            self.resulted.add(nodeid)
+            self.journal.write("lost", nodeid=nodeid, message=f"the check ended without a result: {_tail(report)}")
+        evidence = getattr(report, "auditkit_evidence", None)
+        if evidence and nodeid not in self.planned:
+            self.journal.write("test", nodeid=nodeid, outcome=report.outcome, duration=report.duration,
+                               evidence=evidence, longrepr=str(report.longrepr) if report.failed else "")
 
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
-        audit = _session(self.config)
-        audit.close()
-        results = self.check_results()
-        if _is_worker(self.config) or not results:
-            return
-        from auditkit.report import write_report
-        from auditkit.runner import report_meta
+        from auditkit import watchdog
+        from auditkit.journal import finalise
+        from auditkit.reportdir import discard
 
-        models = {name: self.models.get(name, {"name": name}) for name in audit.models}
-        html, _ = write_report(results, report_meta(models, audit.started), audit.report_dir)
-        self.written = (html, results)
+        _session(self.config).close()
+        if self.xdist_collected is not None:
+            missing = [n for n in self.planned if n not in self.xdist_collected]
+            if missing:
+                self.journal.write("deselected", nodeids=missing)
+        self.journal.close()
+        try:
+            self.written = finalise(self.staging, self.target, int(exitstatus))
+            if self.written is None:
+                discard(self.staging)
+        finally:
+            self.finished = True
+            watchdog.stop(self.watchdog)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """A run that ended before sessionfinish (a usage error in collection) leaves nothing behind."""
+        if not self.finished:
+            from auditkit import watchdog
+            from auditkit.reportdir import discard
+
+            self.journal.close()
+            discard(self.staging)
+            watchdog.stop(self.watchdog)
 
     def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
         if self.written is None:
             return
-        from auditkit.report import count_statuses
+        from auditkit.checks.base import CheckResult
 
-        html, results = self.written
+        html = self.written
         terminalreporter.section("auditkit")
-        for r in results:
+        doc = json.loads((html.parent / "audit.json").read_text(encoding="utf-8"))
+        meta = doc["meta"]
+        for r in (CheckResult.from_dict(d) for d in doc["results"]):
             if r.kind != "test":
                 terminalreporter.write_line(f"{r.model}: {r.summary()}")
-        counts = ", ".join(f"{n} {status}" for status, n in count_statuses(results).items() if n and status != "total")
+        counts = ", ".join(f"{n} {status}" for status, n in meta["counts"].items() if n and status != "total")
         terminalreporter.write_line(f"audit: {counts}")
+        run = meta.get("run") or {}
+        if not run.get("complete", True):
+            terminalreporter.write_line(
+                f"audit INCOMPLETE: {run.get('ran')} of {run.get('planned')} checks ran; {run.get('reason')}", yellow=True)
         terminalreporter.write_line(f"report: {_display_path(html)} (audit.json beside it)")
+
+
+def _tail(report: pytest.TestReport, limit: int = 600) -> str:
+    text = str(report.longrepr or "").strip()
+    return text if len(text) <= limit else "…" + text[-limit:]
+
+
+def _command(config: pytest.Config) -> str:
+    return " ".join(["pytest", *map(str, config.invocation_params.args)])
 
 
 def _display_path(path: Path) -> str:

@@ -62,6 +62,14 @@ class Registry:
             return load_target(name, self.what)
         raise UnknownNameError(self.unknown_message(name))
 
+    def check_importable(self, name: str) -> None:
+        """Import a "package.module:callable" name now, so a bad one is one usage error, not one per check.
+
+        Raises UnknownNameError with the import error; registered names are left to build time.
+        """
+        if name not in self.factories and name not in self.builtins and _is_target(name) and name not in self.entry_points():
+            self.resolve(name)
+
     def unknown_message(self, name: str) -> str:
         known = ", ".join(self.names()) or "(none)"
         return (
@@ -81,8 +89,10 @@ def load_target(target: str, what: str = "object") -> Any:
     module_name, _, attr = target.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UnknownNameError(f"{what} {target!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure while importing the user's module
+        raise UnknownNameError(
+            f"{what} {target!r}: cannot import module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)

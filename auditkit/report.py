@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -21,6 +19,7 @@ from urllib.parse import quote
 import jinja2
 
 from auditkit.checks.base import CheckResult, Status, jsonable
+from auditkit.reportdir import atomic_write
 
 __all__ = ["SCHEMA", "write_report", "read_report_json", "sort_results", "count_statuses", "render_html"]
 
@@ -34,11 +33,12 @@ _ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.PASSED: 2, Status.INFO: 3}
 
 # Meta keys shown in the header (in this order); other keys go to the environment list.
 _HEADER_KEYS = ("models", "dataset", "device", "torch_version", "started", "duration_s")
-_ENV_KEYS = ("auditkit_version", "python_version", "torch_version", "platform", "device", "command", "git_commit")
+_ENV_KEYS = ("auditkit_version", "python_version", "torch_version", "platform", "device", "command", "git_commit",
+             "config")
 _ENV_LABELS = {
     "auditkit_version": "auditkit", "python_version": "Python", "torch_version": "PyTorch",
     "platform": "Platform", "device": "Device", "command": "Command", "git_commit": "Git commit",
-    "dataset": "Audit set", "started": "Started", "duration_s": "Duration", "models": "Models",
+    "config": "Configuration", "dataset": "Audit set", "started": "Started", "duration_s": "Duration", "models": "Models",
 }
 
 
@@ -263,9 +263,22 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+def overall_status(counts: dict[str, int], run: dict[str, Any] | None = None) -> str:
+    """The run's verdict: "incomplete" when not every planned check ran (run["complete"] false),
+    else "failed" if any check failed, "error" if any could not run, "passed", or "empty"."""
+    if run is not None and not run.get("complete", True):
+        return "incomplete"
+    if counts["failed"]:
+        return "failed"
+    if counts["error"]:
+        return "error"
+    return "passed" if counts["total"] else "empty"
+
+
 def _meta_with_counts(meta: dict[str, Any], results: Sequence[CheckResult]) -> dict[str, Any]:
     out = dict(jsonable(dict(meta or {})))
     out["counts"] = count_statuses(results)
+    out["overall"] = overall_status(out["counts"], out.get("run"))
     return out
 
 
@@ -281,18 +294,18 @@ def render_html(results: Sequence[CheckResult], meta: dict[str, Any]) -> str:
         if isinstance(m, dict) else {"name": str(m), "version": ""}
         for m in (models if isinstance(models, list) else [models])
     ]
-    header_keys = set(_HEADER_KEYS) | set(_ENV_KEYS) | {"counts"}
+    header_keys = set(_HEADER_KEYS) | set(_ENV_KEYS) | {"counts", "overall", "run"}
     env_keys = [k for k in _ENV_KEYS if full_meta.get(k) not in (None, "")]
     env_keys += [k for k, v in full_meta.items() if k not in header_keys and v not in (None, "")]
     env_items = [(_ENV_LABELS.get(k, k.replace("_", " ")), full_meta[k]) for k in env_keys]
     counts = full_meta["counts"]
-    overall = "failed" if counts["failed"] else "error" if counts["error"] else "passed" if counts["total"] else "empty"
     template = _environment().get_template("report.html")
     return template.render(
         meta=full_meta,
         models=models,
         counts=counts,
-        overall=overall,
+        overall=full_meta["overall"],
+        run=full_meta.get("run") or {},
         env_items=env_items,
         results=[_result_view(i, r) for i, r in enumerate(ordered)],
     )
@@ -303,24 +316,6 @@ def render_json(results: Sequence[CheckResult], meta: dict[str, Any]) -> str:
     ordered = sort_results(results)
     doc = {"schema": SCHEMA, "meta": _meta_with_counts(meta, ordered), "results": [r.to_dict() for r in ordered]}
     return json.dumps(doc, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    """Write text to target via a temporary file in the same folder and os.replace (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def write_report(results: list[CheckResult], meta: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
@@ -337,8 +332,8 @@ def write_report(results: list[CheckResult], meta: dict[str, Any], out_dir: str 
     html_text = render_html(results, meta)
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / HTML_NAME, out / JSON_NAME
-    _atomic_write_text(json_path, json_text)
-    _atomic_write_text(html_path, html_text)
+    atomic_write(json_path, json_text.encode("utf-8"))
+    atomic_write(html_path, html_text.encode("utf-8"))
     return html_path, json_path
 
 

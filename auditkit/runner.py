@@ -15,10 +15,8 @@ from typing import Any
 
 from auditkit.checks import build_checks
 from auditkit.checks.base import Check, CheckResult, jsonable
-from auditkit.config import AuditConfig
+from auditkit.config import DEFAULT_REPORT_DIR, AuditConfig
 from auditkit.registry import DATASETS, MODELS
-
-DEFAULT_REPORT_DIR = "audit-report"
 
 
 @dataclass

@@ -3,6 +3,14 @@ import pytest
 pytest_plugins = ["pytester"]
 
 
+@pytest.fixture
+def project(pytester, monkeypatch):
+    """A pytester project with auditkit's toy models and gate (tests/plugin_project.py)."""
+    from tests.plugin_project import make_project
+
+    return make_project(pytester, monkeypatch)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
 

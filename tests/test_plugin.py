@@ -1,6 +1,4 @@
 """The pytest plugin, end to end through pytester."""
-import json
-import pathlib
 import textwrap
 
 import pytest
@@ -12,54 +10,7 @@ import auditkit.report  # noqa: F401
 import auditkit.runner  # noqa: F401
 import tests.toys  # noqa: F401
 
-CONFTEST = textwrap.dedent("""
-    import auditkit
-    from tests.toys import halves_set, region_spec
-
-    @auditkit.register_model("good")
-    def good():
-        return region_spec()
-
-    @auditkit.register_model("shortcut")
-    def shortcut():
-        return region_spec(offset=0.0)  # grey over the object leaves its half bright: no drop
-
-    @auditkit.register_model("broken")
-    def broken():
-        raise RuntimeError("weights file is corrupt")
-
-    @auditkit.register_dataset("halves")
-    def halves():
-        return halves_set()
-""")
-
-PYPROJECT = textwrap.dedent("""
-    [tool.auditkit]
-    dataset = "halves"
-    device = "cpu"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    baseline = "zero"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    name = "occlusion-grey"
-    baseline = "grey"
-""")
-
-
-@pytest.fixture
-def project(pytester, monkeypatch):
-    monkeypatch.syspath_prepend(str(pytester.path))
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyprojecttoml(PYPROJECT)
-    repo = str(pathlib.Path(__file__).parent.parent)
-    pytester.syspathinsert(repo)
-    monkeypatch.setenv("PYTHONPATH", repo)  # for runpytest_subprocess
-    return pytester
-
-
-def report_json(pytester):
-    return json.loads((pytester.path / "audit-report" / "audit.json").read_text())
+from tests.plugin_project import CONFTEST, report_json  # noqa: E402  (the `project` fixture is in conftest.py)
 
 
 def test_passing_audit_writes_report(project):
@@ -88,7 +39,7 @@ def test_failing_check_fails_the_run(project):
 
 def test_model_that_cannot_load_is_an_error_not_a_pass(project):
     result = project.runpytest("--audit-model", "broken")
-    result.assert_outcomes(failed=2)
+    result.assert_outcomes(errors=2)  # a check that could not run is a pytest error, not a failure
     result.stdout.fnmatch_lines(["*ERROR: RuntimeError: weights file is corrupt*"])
     assert {r["status"] for r in report_json(project)["results"]} == {"error"}
 

@@ -9,10 +9,11 @@ import jinja2
 import pytest
 from PIL import Image
 
-from auditkit import report as report_mod
 from auditkit.checks.base import CheckResult, Evidence, Status
 from auditkit.evidence import line_chart_svg, png_evidence, svg_evidence
 from auditkit.report import SCHEMA, read_report_json, sort_results, verdict, write_report
+from auditkit import reportdir
+from auditkit.reportdir import evidence_stem
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -55,7 +56,7 @@ def test_write_report_creates_both_files(tmp_path: Path) -> None:
     assert html_path == tmp_path / "index.html" and json_path == tmp_path / "audit.json"
     html = html_path.read_text(encoding="utf-8")
     assert html.startswith("<!doctype html>") and "auditkit audit" in html
-    assert 'src="evidence/demo__occlusion-drop__00.png"' in html
+    assert f'src="evidence/{evidence_stem("demo", "occlusion-drop", index=0)}.png"' in html
     assert 'loading="lazy"' in html
     assert "evidence not saved" in html  # the unsaved evidence of the error result
     assert "pass rate 0.62 &lt; 0.80 required" in html
@@ -79,7 +80,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
         assert r.status is original.status
         assert r.value == original.value and r.threshold == original.threshold
         assert [e.path for e in r.evidence] == [e.path for e in original.evidence]
-    assert by_check["occlusion-drop"].evidence[0].path == "evidence/demo__occlusion-drop__00.png"
+    assert by_check["occlusion-drop"].evidence[0].path == f"evidence/{evidence_stem('demo', 'occlusion-drop', index=0)}.png"
     assert by_check["sanity"].evidence[0].path is None
     assert read_report_json(tmp_path)[1][0].check == back[0].check  # the folder works too
     assert "counts" not in META  # the caller's meta is not modified
@@ -168,7 +169,7 @@ def test_failed_write_removes_the_temp_file(tmp_path: Path, monkeypatch: pytest.
     def fail_replace(src: str, dst: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_mod.os, "replace", fail_replace)
+    monkeypatch.setattr(reportdir.os, "replace", fail_replace)
     with pytest.raises(OSError):
         write_report([], {}, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index.html"]

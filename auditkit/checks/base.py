@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import os
-import re
-import tempfile
 import time
 import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
+
+from auditkit.reportdir import EVIDENCE_DIR, atomic_write, evidence_stem
 
 if typing.TYPE_CHECKING:  # pragma: no cover
     from auditkit.data import AuditSet
@@ -38,8 +37,9 @@ class CheckConfigError(ValueError):
 class Evidence:
     """One picture for the report: PNG bytes or SVG text, saved under the report folder.
 
-    `path` is relative to the report folder once `save()` ran; `data` is
-    dropped from the JSON form.
+    `path` is relative to the report folder once `save()` ran (None with
+    `missing` set when it could not be written); `data` is dropped from the
+    JSON form.
     """
 
     title: str
@@ -48,33 +48,39 @@ class Evidence:
     caption: str = ""
     path: str | None = None
 
+    missing: str = ""  # why the file could not be written, when it could not
+
     @property
     def suffix(self) -> str:
         return ".svg" if self.media_type == "image/svg+xml" else ".png"
 
-    def save(self, folder: Path, stem: str) -> None:
-        """Write the file atomically as folder/stem+suffix and record its relative path."""
+    def save(self, report_dir: Path, stem: str) -> bool:
+        """Write report_dir/evidence/<stem><suffix> atomically (0644) and record its relative path.
+
+        A failure to write (a bad folder, a name the file system refuses, a
+        full disk) is not raised: `path` stays None, `missing` says why, and
+        no temporary file is left. Returns whether the file was written.
+        """
         if self.data is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{safe_filename(stem)}{self.suffix}"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=self.suffix)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.data)
-        os.replace(tmp, target)
-        self.path = f"{folder.name}/{target.name}"
+            return self.path is not None
+        target = Path(report_dir) / EVIDENCE_DIR / f"{stem}{self.suffix}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(target, self.data)
+        except OSError as exc:
+            self.path, self.missing = None, f"could not be saved to {target}: {exc.strerror or exc}"
+            return False
+        self.path, self.missing = f"{EVIDENCE_DIR}/{target.name}", ""
+        return True
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "media_type": self.media_type, "caption": self.caption, "path": self.path}
+        return {"title": self.title, "media_type": self.media_type, "caption": self.caption, "path": self.path,
+                "missing": self.missing}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Evidence":
-        return cls(title=d["title"], media_type=d["media_type"], caption=d.get("caption", ""), path=d.get("path"))
-
-
-def safe_filename(text: str) -> str:
-    """A file name made of letters, digits, '.', '_' and '-' only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+        return cls(title=d["title"], media_type=d["media_type"], caption=d.get("caption", ""), path=d.get("path"),
+                   missing=d.get("missing", ""))
 
 
 @dataclass
@@ -111,10 +117,10 @@ class CheckResult:
         return self.status is Status.PASSED
 
     def save_evidence(self, report_dir: Path) -> None:
-        """Write each evidence file to report_dir/evidence/ with a name from model, check and index."""
-        folder = Path(report_dir) / "evidence"
+        """Write each evidence file under report_dir/evidence/, named uniquely from model, check and index
+        (reportdir.evidence_stem); a file that cannot be written is marked missing, the result is kept."""
         for i, item in enumerate(self.evidence):
-            item.save(folder, f"{self.model}__{self.check}__{i:02d}")
+            item.save(report_dir, evidence_stem(self.model, self.check, index=i))
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,53 @@
+"""A pytester project for the plugin tests: toy models, a toy audit set and a small gate."""
+import json
+import pathlib
+import textwrap
+
+CONFTEST = textwrap.dedent("""
+    import auditkit
+    from tests.toys import halves_set, region_spec
+
+    @auditkit.register_model("good")
+    def good():
+        return region_spec()
+
+    @auditkit.register_model("shortcut")
+    def shortcut():
+        return region_spec(offset=0.0)  # grey over the object leaves its half bright: no drop
+
+    @auditkit.register_model("broken")
+    def broken():
+        raise RuntimeError("weights file is corrupt")
+
+    @auditkit.register_dataset("halves")
+    def halves():
+        return halves_set()
+""")
+
+PYPROJECT = textwrap.dedent("""
+    [tool.auditkit]
+    dataset = "halves"
+    device = "cpu"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    baseline = "zero"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    name = "occlusion-grey"
+    baseline = "grey"
+""")
+
+
+def make_project(pytester, monkeypatch):
+    """A pytester folder with the toy models (good, shortcut, broken), the halves set and a two-check gate."""
+    monkeypatch.syspath_prepend(str(pytester.path))
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyprojecttoml(PYPROJECT)
+    repo = str(pathlib.Path(__file__).parent.parent)
+    pytester.syspathinsert(repo)
+    monkeypatch.setenv("PYTHONPATH", repo)  # for runpytest_subprocess
+    return pytester
+
+
+def report_json(pytester, folder="audit-report"):
+    return json.loads((pytester.path / folder / "audit.json").read_text())

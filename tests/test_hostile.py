@@ -1,0 +1,383 @@
+"""The hostile-input matrix: each probe is one way a careless or hostile run could make the gate lie.
+
+Every probe runs the plugin end to end (pytester) or the library on bad
+input, and asserts that the run either tells the truth or says it could not.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import textwrap
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+# pytester's in-process runs drop modules first imported inside a run; import them here once.
+import auditkit.checks.occlusion  # noqa: F401
+import auditkit.journal  # noqa: F401
+import auditkit.report  # noqa: F401
+import auditkit.runner  # noqa: F401
+import tests.toys  # noqa: F401
+from tests.plugin_project import CONFTEST, report_json
+
+# A gate the toy model "good" fails: grey over its object leaves the drop below 0.5.
+FAILING_GATE = textwrap.dedent("""
+    [tool.auditkit]
+    dataset = "halves"
+    device = "cpu"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    baseline = "grey"
+""")
+
+# Checks that misbehave on purpose: crash the process, interrupt, or change the model.
+HOSTILE_CHECKS = textwrap.dedent("""
+    import os
+    import signal
+    from dataclasses import dataclass
+
+    import torch
+    import auditkit
+
+    @auditkit.register_check("kill-self")
+    @dataclass
+    class KillSelf(auditkit.Check):
+        signal: int = 11
+
+        def run(self, subject, audit_set):
+            os.kill(os.getpid(), self.signal)
+
+    @auditkit.register_check("interrupt")
+    @dataclass
+    class Interrupt(auditkit.Check):
+        def run(self, subject, audit_set):
+            raise KeyboardInterrupt
+
+    @auditkit.register_check("trains-the-model")
+    @dataclass
+    class TrainsTheModel(auditkit.Check):
+        def run(self, subject, audit_set):
+            subject.module.train()
+            with torch.no_grad():
+                subject.module(torch.randn(8, 3, 16, 16) * 5 + 3)
+            return self.info_result(message="ran the model in train mode")
+""")
+
+
+def gate(*checks: str) -> str:
+    """A [tool.auditkit] table with the halves set and these check kinds (after the two occlusion checks)."""
+    extra = "".join(f'[[tool.auditkit.checks]]\nkind = "{kind}"\n' for kind in checks)
+    return textwrap.dedent("""
+        [tool.auditkit]
+        dataset = "halves"
+        device = "cpu"
+        [[tool.auditkit.checks]]
+        kind = "occlusion-drop"
+        baseline = "zero"
+        [[tool.auditkit.checks]]
+        kind = "occlusion-drop"
+        name = "occlusion-grey"
+        baseline = "grey"
+    """) + extra
+
+
+@pytest.fixture
+def hostile(project):
+    project.makepyfile(hostile_checks=HOSTILE_CHECKS)
+    project.makeconftest(CONFTEST + "\nimport hostile_checks\n")
+    return project
+
+
+def wait_for_report(folder: Path, seconds: float = 60.0) -> dict:
+    """audit.json of `folder` once the watchdog has published it (it runs after the dead process)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (folder / "audit.json").is_file():
+            return json.loads((folder / "audit.json").read_text())
+        time.sleep(0.1)
+    raise AssertionError(f"no report in {folder} after {seconds} s")
+
+
+# -- 1. the configuration is never dropped ---------------------------------------------------
+
+
+def test_report_folder_outside_the_project_keeps_the_projects_gate(project, tmp_path_factory):
+    project.makepyprojecttoml(FAILING_GATE)
+    outside = tmp_path_factory.mktemp("outside")  # an existing folder: pytest takes it for a test path
+    result = project.runpytest("--audit-model", "good", "--audit-report", str(outside))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines([f"auditkit: configuration {project.path / 'pyproject.toml'}"])
+    assert report_json(project, outside)["results"][0]["status"] == "failed"
+
+
+def test_relative_config_path_is_read_from_the_invocation_directory(project, tmp_path_factory):
+    (project.path / "conf").mkdir()
+    (project.path / "conf" / "gate.toml").write_text(FAILING_GATE)
+    project.makepyprojecttoml("[tool.pytest.ini_options]\n")
+    outside = tmp_path_factory.mktemp("outside")
+    result = project.runpytest("--audit-model", "good", "--audit-config", "conf/gate.toml", "--audit-report", str(outside))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["auditkit: configuration */conf/gate.toml"])
+
+
+def test_config_is_found_from_a_subdirectory(project, monkeypatch):
+    project.makepyprojecttoml(FAILING_GATE)
+    sub = project.mkdir("tests_sub")
+    monkeypatch.chdir(sub)
+    result = project.runpytest("--audit-model", "good", "--rootdir", str(sub))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert (project.path / "audit-report" / "audit.json").is_file()  # beside the configuration file
+
+
+# -- 2 and 3. crashes and incomplete runs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("signal_number", [11, 9], ids=["segfault", "kill-9"])
+def test_a_check_that_kills_the_process_leaves_a_report_that_says_so(hostile, signal_number):
+    hostile.makepyprojecttoml(gate("kill-self").replace('kind = "kill-self"', f'kind = "kill-self"\nsignal = {signal_number}'))
+    result = hostile.runpytest_subprocess("--audit-model", "good", "-p", "no:cacheprovider")
+    assert result.ret not in (0, 1)
+    data = wait_for_report(hostile.path / "audit-report")
+    run = data["meta"]["run"]
+    assert data["meta"]["overall"] == "incomplete" and run["complete"] is False and run["planned"] == 3
+    assert "ended before the audit finished" in run["reason"]
+    by_check = {r["check"]: r for r in data["results"]}
+    assert by_check["kill-self"]["status"] == "error" and "died while this check ran" in by_check["kill-self"]["message"]
+    assert by_check["occlusion-drop"]["status"] == "passed"  # what finished before the crash is kept
+    html = (hostile.path / "audit-report" / "index.html").read_text()
+    assert "Incomplete run" in html
+    assert not list(hostile.path.glob(".audit-report.*"))  # no staging folder left
+
+
+def test_interrupted_run_is_incomplete_not_passed(hostile):
+    hostile.makepyprojecttoml(gate("interrupt"))
+    result = hostile.runpytest("--audit-model", "good", "-k", "occlusion-drop or interrupt", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    data = report_json(hostile)
+    run = data["meta"]["run"]
+    assert data["meta"]["overall"] == "incomplete" and run["exit_name"] == "INTERRUPTED"
+    assert run["planned"] == 3 and run["ran"] == 1 and "interrupted" in run["reason"]
+    assert "Incomplete run" in (hostile.path / "audit-report" / "index.html").read_text()
+
+
+def test_exitfirst_run_records_the_checks_that_did_not_run(project):
+    project.makepyprojecttoml(gate().replace('baseline = "zero"', 'baseline = "grey"', 1))  # both fail
+    result = project.runpytest("--audit-model", "good", "-x")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    run = report_json(project)["meta"]["run"]
+    assert (run["planned"], run["ran"], run["complete"]) == (2, 1, False)
+    assert "did not run" in run["reason"]
+    result.stdout.fnmatch_lines(["audit INCOMPLETE: 1 of 2 checks ran*"])
+
+
+def test_deselected_checks_make_the_report_incomplete(project):
+    result = project.runpytest("--audit-model", "good", "-k", "occlusion-drop")
+    assert result.ret == pytest.ExitCode.OK
+    data = report_json(project)
+    assert data["meta"]["run"]["deselected"] == 1 and data["meta"]["overall"] == "incomplete"
+
+
+def test_complete_run_is_complete(project):
+    project.runpytest("--audit-model", "good")
+    data = report_json(project)
+    assert data["meta"]["run"]["complete"] is True and data["meta"]["run"]["exit_name"] == "TESTS_FAILED"
+    assert data["meta"]["overall"] == "failed"
+
+
+def test_worker_crash_under_xdist_is_an_error_result(hostile):
+    hostile.makepyprojecttoml(gate("kill-self"))
+    result = hostile.runpytest_subprocess("--audit-model", "good", "-n", "2", "-p", "xdist", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    data = report_json(hostile)
+    by_check = {r["check"]: r for r in data["results"]}
+    assert by_check["kill-self"]["status"] == "error" and "without a result" in by_check["kill-self"]["message"]
+    assert len(data["results"]) == 3
+
+
+# -- 4. the report folder is one run's, as a whole --------------------------------------------------
+
+
+def test_second_run_leaves_no_stale_evidence_and_files_are_readable(project):
+    project.runpytest("--audit-model", "good", "--audit-model", "shortcut")
+    first = {p.name for p in (project.path / "audit-report" / "evidence").iterdir()}
+    project.runpytest("--audit-model", "good", "-k", "occlusion-drop")
+    report = project.path / "audit-report"
+    second = {p.name for p in (report / "evidence").iterdir()}
+    listed = {Path(e["path"]).name for r in report_json(project)["results"] for e in r["evidence"]}
+    assert second == listed and second < first  # exactly this run's evidence, none of the first run's
+    for path in [report / "index.html", report / "audit.json", *(report / "evidence").iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044, path  # group and others can read
+    assert not list(project.path.glob(".audit-report.*"))
+
+
+def test_report_folder_holding_other_files_is_refused(project):
+    (project.path / "audit-report").mkdir()
+    (project.path / "audit-report" / "notes.txt").write_text("mine")
+    result = project.runpytest("--audit-model", "good")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*report folder *audit-report holds files auditkit did not write (notes.txt)*"])
+    assert (project.path / "audit-report" / "notes.txt").read_text() == "mine"
+
+
+def test_report_path_that_is_a_file_is_refused(project):
+    (project.path / "report.txt").write_text("x")
+    result = project.runpytest("--audit-model", "good", "--audit-report", "report.txt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*report folder *report.txt is a file*"])
+
+
+def test_publishing_replaces_the_whole_folder(tmp_path):
+    from auditkit.reportdir import make_staging, publish
+
+    target = tmp_path / "audit-report"
+    for run in ("first", "second"):
+        staging = make_staging(target)
+        (staging / "index.html").write_text(run)
+        (staging / "evidence" / f"{run}.png").write_bytes(b"png")
+        publish(staging, target)
+    assert (target / "index.html").read_text() == "second"
+    assert [p.name for p in (target / "evidence").iterdir()] == ["second.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-report"]
+
+
+def test_abandoned_staging_folders_are_cleaned_up(tmp_path):
+    from auditkit.reportdir import make_staging
+
+    target = tmp_path / "audit-report"
+    dead = tmp_path / ".audit-report.tmp-999999999-abc"  # no such process
+    dead.mkdir()
+    staging = make_staging(target)
+    assert not dead.exists() and staging.is_dir()
+
+
+# -- 5 and 9. evidence names and evidence that cannot be saved -------------------------------------
+
+
+@pytest.mark.parametrize("names", [("demo model", "demo_model"), ("модель", "模型"), ("occ a", "occ_a")])
+def test_evidence_names_never_collide(names):
+    from auditkit.reportdir import evidence_stem
+
+    stems = {evidence_stem(name, "check", index=0) for name in names}
+    assert len(stems) == 2
+
+
+def test_evidence_names_stay_short():
+    from auditkit.reportdir import evidence_stem
+
+    stem = evidence_stem("m" * 900, "c" * 900, index=3)
+    assert len(stem.encode()) < 120 and stem.endswith(stem[-10:])
+
+
+def test_long_and_clashing_names_each_get_their_evidence(project):
+    long_name = "occlusion-" + "x" * 300
+    project.makepyprojecttoml(gate().replace('name = "occlusion-grey"', f'name = "{long_name}"')
+                              + '[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nname = "occlusion drop"\nbaseline = "zero"\n')
+    result = project.runpytest("--audit-model", "good")
+    assert "File name too long" not in result.stdout.str()
+    results = report_json(project)["results"]
+    paths = [e["path"] for r in results for e in r["evidence"]]
+    assert len(results) == 3 and all(paths) and len(set(paths)) == len(paths)
+
+
+def test_evidence_that_cannot_be_saved_keeps_the_result(tmp_path, monkeypatch):
+    from auditkit import reportdir
+    from auditkit.checks.base import CheckResult, Evidence, Status
+
+    def full_disk(handle_fd, *args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reportdir.os, "fsync", full_disk)
+    result = CheckResult(check="c", kind="k", status=Status.PASSED, model="m",
+                         evidence=[Evidence(title="map", media_type="image/png", data=b"png")])
+    result.save_evidence(tmp_path)
+    assert result.status is Status.PASSED
+    (item,) = result.evidence
+    assert item.path is None and "No space left on device" in item.missing
+    assert list((tmp_path / "evidence").iterdir()) == []  # no temporary file left
+
+
+# -- 10. the smaller ones --------------------------------------------------------------------------
+
+
+def test_batch_size_zero_is_a_usage_error(project):
+    result = project.runpytest("--audit-model", "good", "--audit-batch-size", "0")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--audit-batch-size must be a positive integer, got 0*"])
+
+
+def test_config_that_is_not_utf8_is_a_usage_error(project):
+    (project.path / "gate.toml").write_bytes(b'dataset = "\xff\xfe"\n')  # (pytest itself reads pyproject.toml first)
+    result = project.runpytest("--audit-model", "good", "--audit-config", "gate.toml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*gate.toml: not UTF-8 text*"])
+
+
+def test_model_target_that_fails_to_import_is_one_usage_error(project):
+    project.makepyfile(badmodels="raise ImportError('no module named torchvisionx')\n")
+    result = project.runpytest("--audit-model", "badmodels:build")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*model 'badmodels:build': cannot import module 'badmodels': ImportError: no module named torchvisionx*"])
+
+
+def test_xdist_report_keeps_the_serial_order(project):
+    project.runpytest("--audit-model", "good", "--audit-model", "shortcut", "-p", "no:randomly")
+    serial = [(r["model"], r["check"]) for r in report_json(project)["results"]]
+    project.runpytest_subprocess("--audit-model", "good", "--audit-model", "shortcut", "-n", "2", "-p", "xdist")
+    parallel = [(r["model"], r["check"]) for r in report_json(project)["results"]]
+    assert parallel == serial
+
+
+def test_error_is_a_pytest_error_and_junit_properties_are_short(project):
+    junit = project.path / "junit.xml"
+    result = project.runpytest("--audit-model", "broken", "--audit-model", "good", f"--junitxml={junit}")
+    result.assert_outcomes(errors=2, passed=1, failed=1)
+    cases = ET.parse(junit).getroot().iter("testcase")
+    by_name = {c.get("name"): c for c in cases}
+    broken = [c for n, c in by_name.items() if "broken" in (c.get("classname") or "") + n]
+    assert broken and all(c.find("error") is not None and c.find("failure") is None for c in broken)
+    for case in by_name.values():
+        for prop in case.iter("property"):
+            assert len(prop.get("value")) <= 80, (prop.get("name"), prop.get("value")[:100])
+    names = {p.get("name") for p in ET.parse(junit).getroot().iter("property")}
+    assert {"audit_status", "audit_metric", "audit_value", "audit_threshold"} <= names
+
+
+def test_audit_evidence_without_an_audit_writes_nothing(project):
+    project.makepyfile(test_mine=textwrap.dedent("""
+        import torch
+
+        def test_draws(audit_evidence):
+            audit_evidence.image("noise", torch.rand(3, 8, 8))
+    """))
+    result = project.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert not (project.path / "audit-report").exists()
+    assert not list(project.path.rglob("*.png"))
+
+
+def test_custom_check_that_trains_the_model_leaves_it_as_it_was(hostile):
+    hostile.makeconftest(CONFTEST + textwrap.dedent("""
+        import hostile_checks, torch
+        from tests.toys import SmallNet
+
+        NET = SmallNet()
+        BEFORE = {k: v.clone() for k, v in NET.state_dict().items()}
+
+        @auditkit.register_model("bn")
+        def bn():
+            return auditkit.ModelSpec(module=NET, class_names=["left", "right", "empty"], input_size=(16, 16),
+                                      name="bn", dataset="halves")
+
+        def pytest_sessionfinish(session):
+            after = NET.state_dict()
+            changed = [k for k in BEFORE if not torch.equal(BEFORE[k], after[k])]
+            assert not changed, f"the audit changed {changed}"
+            assert NET.training
+    """))
+    hostile.makepyprojecttoml(gate("trains-the-model").replace('kind = "trains-the-model"', 'kind = "trains-the-model"\nname = "a-trains"'))
+    result = hostile.runpytest("--audit-model", "bn", "-p", "no:cacheprovider")
+    assert result.ret in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
+    assert "the audit changed" not in result.stdout.str() + result.stderr.str()
