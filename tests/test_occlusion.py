@@ -144,3 +144,82 @@ def test_check_crash_is_an_error_with_traceback():
         result = OcclusionDrop().execute(subject, data)
     assert result.status is Status.ERROR
     assert "RuntimeError: kaput" in result.message and "Traceback" in result.error
+
+
+# -- boxes that shrink under a pixel, and too few judged samples (issue 13, point 10) --------------
+
+
+def test_control_boxes_of_a_box_narrower_than_a_pixel_are_none_not_an_error():
+    """A 0.1 px wide box (1 px in a 640 px file, resized to 64) used to raise 'box ... is empty'."""
+    mask = torch.zeros(64, 64, dtype=torch.bool)
+    assert occ.control_boxes(mask, Box(10.0, 10.0, 10.1, 30.0), 4) == []
+    assert occ.control_boxes(mask, Box(10.0, 10.0, 30.0, 10.2), 4) == []
+
+
+def test_control_boxes_take_the_size_of_the_pixels_the_box_covers():
+    mask = torch.zeros(32, 32, dtype=torch.bool)
+    mask[10:20, 4:10] = True
+    (box,) = occ.control_boxes(mask, Box(3.6, 10, 10.4, 20), 1)  # 6.8 px wide, covers the 6 pixels 4..9
+    assert (box.width, box.height) == (6, 10)  # as many pixels as the object's mask, not round(6.8) = 7
+
+
+def thin_box_set():
+    """The halves set (16 px) plus one 160 px image whose 1 px wide box is 0.1 px wide at 16 px."""
+    from auditkit import AuditSet, Sample
+
+    big = torch.zeros(3, 160, 160)
+    big[:, 40:120, 10:11] = 1.0
+    thin = Sample(big, 0, (Box(10, 40, 11, 120),), "thin-line")
+    halves = halves_set()
+    return AuditSet([thin] + list(halves.samples), halves.class_names, name="mixed").resized((16, 16))
+
+
+def test_a_box_under_a_pixel_after_resizing_skips_its_sample_and_says_so():
+    data = thin_box_set()
+    assert data[0].boxes[0].width == pytest.approx(0.1)  # valid in the file, under a pixel now
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero").execute(subject, data)
+    assert result.status is Status.PASSED, result.message  # the check keeps running on the others
+    assert result.details["samples_judged"] == 6
+    assert "thin-line" in result.message and "covers no pixel" in result.message
+    (skipped,) = result.details["skipped"]
+    assert skipped["sample"] == "thin-line" and "covers no pixel at 16 x 16" in skipped["reason"]
+    assert "thin-line" not in [row["sample"] for row in result.rows]
+
+
+def mostly_unjudgeable_set(judgeable: int, total: int = 60):
+    """`judgeable` halves samples, the rest with a box covering the whole image (no room for a control)."""
+    from auditkit import AuditSet, Sample
+
+    halves = halves_set(n=judgeable).samples if judgeable else []
+    full = [Sample(torch.rand(3, 16, 16), 2, (Box(0, 0, 16, 16),), f"full{i}") for i in range(total - judgeable)]
+    return AuditSet(list(halves) + full, ["left", "right", "empty"], name="mostly-full")
+
+
+def test_one_judged_sample_of_sixty_cannot_pass():
+    data = mostly_unjudgeable_set(1)
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero").execute(subject, data)
+        assert result.status is Status.FAILED
+        assert "only 1 of 60 samples could be judged (needs at least 5)" in result.message
+        assert result.details["samples_judged"] == 1 and result.details["min_samples"] == 5
+        # the minimum is a stated parameter: lowered to 1, the one judged sample decides
+        assert OcclusionDrop(baseline="zero", min_samples=1).execute(subject, data).status is Status.PASSED
+        # no judged sample at all is the same rule, not a pass
+        none = OcclusionDrop(baseline="zero").execute(subject, mostly_unjudgeable_set(0, total=8))
+    assert none.status is Status.FAILED and "only 0 of 8 samples could be judged" in none.message
+
+
+def test_enough_judged_samples_are_judged_as_before():
+    data = mostly_unjudgeable_set(6, total=20)
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero").execute(subject, data)
+    assert result.status is Status.PASSED and result.details["samples_judged"] == 6
+    assert "14 sample(s) with no room for a control box not judged" in result.message
+
+
+def test_min_samples_must_be_at_least_one():
+    from auditkit.checks.base import CheckConfigError
+
+    with pytest.raises(CheckConfigError, match="min_samples must be >= 1"):
+        OcclusionDrop(min_samples=0)

@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, require_at_least, require_unit
 from auditkit.methods import occlusion as occ
 
 
@@ -22,6 +22,12 @@ class OcclusionDrop(Check):
                        the object's boxes, of (p - p(control occluded)) / p
     A sample passes when drop_object >= min_drop and drop_object > drop_control.
     The check passes when the share of passing samples is >= min_pass_rate.
+
+    A sample is judged when it has an object box covering at least one pixel
+    (a box under a pixel after resizing is skipped, and named) and a control
+    placement. With fewer than `min_samples` judged samples the check FAILS,
+    whatever their pass rate. The default, 5, is the fewest samples for which
+    even all passing can be told from a coin flip (0.5^5 = 3% < 5%).
     """
 
     kind = "occlusion-drop"
@@ -30,7 +36,8 @@ class OcclusionDrop(Check):
         "Per sample: drop = (p - p_occluded) / p for the true class. Passes when the object's drop "
         "is >= min_drop and larger than the mean drop from same-size boxes placed away from the object "
         "(each covering at most control_overlap of it), "
-        "for at least min_pass_rate of the samples."
+        "for at least min_pass_rate of the samples. Fails when fewer than min_samples samples can be judged "
+        "(judged: an object box covering a pixel and room for a control box)."
     )
 
     min_drop: float = 0.5
@@ -41,6 +48,7 @@ class OcclusionDrop(Check):
     patch: int = 0
     stride: int = 0
     evidence_samples: int = 8
+    min_samples: int = 5
 
     def validate(self) -> None:
         if not 0.0 < self.min_drop <= 1.0:
@@ -48,7 +56,7 @@ class OcclusionDrop(Check):
         require_unit(self, "min_pass_rate")
         if not 0.0 <= self.control_overlap < 1.0:
             raise CheckConfigError(f"check {self.name!r}: control_overlap must be in [0, 1), got {self.control_overlap}")
-        require_at_least(self, control_boxes=1)
+        require_at_least(self, control_boxes=1, min_samples=1)
         if self.patch < 0 or self.stride < 0 or self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: patch, stride and evidence_samples must be >= 0")
 
@@ -61,8 +69,26 @@ class OcclusionDrop(Check):
         usable, boxed = audit_set.with_boxes()
         if boxed is None:
             return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")
-        images, labels, object_masks = boxed.images(), boxed.labels(), boxed.box_masks()
-        n, _, h, w = images.shape
+        # a box valid in its file may cover no pixel once resized (1 px of 640 is 0.1 px of 64):
+        # nothing to occlude, no size for a control, so the sample is skipped and named
+        object_masks = boxed.box_masks()
+        h, w = object_masks.shape[-2:]
+        covers = object_masks.flatten(1).any(1).tolist()
+        skipped = [self._no_pixel(audit_set, i, h, w) for i, ok in zip(usable, covers) if not ok]
+        keep = [j for j, ok in enumerate(covers) if ok]
+        usable, boxed, object_masks = [usable[j] for j in keep], boxed.subset(keep), object_masks[keep]
+        notes = []
+        without_box = len(audit_set) - len(covers)
+        if without_box:
+            notes.append(f"{without_box} sample(s) without a box skipped")
+        if skipped:
+            notes.append(f"{len(skipped)} sample(s) skipped as their object box covers no pixel at {w} x {h} "
+                         f"(under a pixel after resizing): {_listed([s['sample'] for s in skipped])}")
+        if not usable:
+            return self._too_few(0, len(audit_set), notes, rows=[], details={"skipped": skipped})
+
+        images, labels = boxed.images(), boxed.labels()
+        n = len(images)
         base = occ.baseline_images(images, self.baseline)
 
         probs = subject.probabilities(images)
@@ -92,9 +118,6 @@ class OcclusionDrop(Check):
         has_control = ~torch.isnan(drop_control)
         passed = (drop_object >= self.min_drop) & has_control & (drop_object > drop_control)
         judged = int(has_control.sum())
-        if judged == 0:
-            return self.error_result("no sample leaves room for a control box of the object's size outside the object")
-        rate = float(passed[has_control].float().mean())
 
         predicted = probs.argmax(1)
         names = subject.spec.class_names
@@ -106,28 +129,50 @@ class OcclusionDrop(Check):
                 "drop_control": float(drop_control[j]) if has_control[j] else None,
                 "controls": len(placements[j]), "passed": bool(passed[j]) if has_control[j] else None,
             })
-        skipped = len(audit_set) - n
-        notes = []
-        if skipped:
-            notes.append(f"{skipped} sample(s) without a box skipped")
         if n - judged:
             notes.append(f"{n - judged} sample(s) with no room for a control box not judged")
-        message = (
-            f"{int(passed.sum())} of {judged} samples pass; mean drop when the object is occluded "
-            f"{float(drop_object.mean()):.2f}, when a control box is {float(drop_control[has_control].mean()):.2f}"
-        )
-        result = self.result(
-            metric="pass rate", value=rate, threshold=self.min_pass_rate, rows=rows,
-            columns=list(rows[0]), message="; ".join([message] + notes),
-            details={
-                "mean_drop_object": float(drop_object.mean()),
-                "mean_drop_control": float(drop_control[has_control].mean()),
-                "accuracy": float((predicted == labels).float().mean()),
-                "samples_judged": judged, "samples_skipped": skipped,
-            },
-        )
+        details = {
+            "mean_drop_object": float(drop_object.mean()),
+            "mean_drop_control": float(drop_control[has_control].mean()) if judged else float("nan"),
+            "accuracy": float((predicted == labels).float().mean()),
+            "samples_skipped": len(audit_set) - n, "skipped": skipped,
+        }
+        if judged < self.min_samples:
+            result = self._too_few(judged, len(audit_set), notes, rows=rows, details=details)
+        else:
+            message = (
+                f"{int(passed.sum())} of {judged} samples pass; mean drop when the object is occluded "
+                f"{details['mean_drop_object']:.2f}, when a control box is {details['mean_drop_control']:.2f}"
+            )
+            result = self.result(
+                metric="pass rate", value=float(passed[has_control].float().mean()), threshold=self.min_pass_rate,
+                rows=rows, columns=list(rows[0]), message="; ".join([message] + notes),
+                details={**details, "samples_judged": judged, "min_samples": self.min_samples},
+            )
         result.evidence = self._evidence(subject, audit_set, usable, images, labels, object_masks, base, placements, passed)
         return result
+
+    def _too_few(self, judged: int, total: int, notes: list[str], *, rows: list[dict], details: dict) -> CheckResult:
+        """FAILED: fewer than min_samples samples could be judged, whatever their pass rate."""
+        message = f"only {judged} of {total} samples could be judged (needs at least {self.min_samples})"
+        result = self.result(
+            metric="samples judged", value=judged, threshold=self.min_samples, rows=rows,
+            columns=list(rows[0]) if rows else [], message="; ".join([message] + notes),
+            details={**details, "samples_judged": judged, "min_samples": self.min_samples},
+        )
+        result.status = Status.FAILED  # judged < min_samples, so the judgement above already says so
+        return result
+
+    @staticmethod
+    def _no_pixel(audit_set, i: int, h: int, w: int) -> dict:
+        sample = audit_set[i]
+        union = occ.box_union(sample.boxes)
+        return {
+            "sample": sample.id or str(i),
+            "reason": (f"object box ({union.x0:.4g}, {union.y0:.4g}, {union.x1:.4g}, {union.y1:.4g}), "
+                       f"{union.width:.2g} x {union.height:.2g} px, covers no pixel at {w} x {h}: "
+                       "under a pixel after resizing, there is nothing to occlude"),
+        }
 
     def _evidence(self, subject, audit_set, usable, images, labels, object_masks, base, placements, passed):
         """Image with box, occluded image, occlusion map overlay and control boxes for a few samples, failures first."""
@@ -165,3 +210,9 @@ class OcclusionDrop(Check):
             "brighter = the model relies on it more. Failing samples first."
         )
         return [ev.png_evidence("Occlusion evidence", grid, caption)]
+
+
+def _listed(ids: list[str], limit: int = 5) -> str:
+    """Up to `limit` sample ids, then how many more."""
+    shown = ", ".join(ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")

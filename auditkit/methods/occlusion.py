@@ -121,17 +121,26 @@ def box_union(boxes: tuple[Box, ...]) -> Box:
     return Box(min(b.x0 for b in boxes), min(b.y0 for b in boxes), max(b.x1 for b in boxes), max(b.y1 for b in boxes))
 
 
-def control_boxes(object_mask: torch.Tensor, box: Box, count: int, max_overlap: float = 0.0) -> list[Box]:
-    """Up to `count` boxes of box's size, spread apart, each covering at most
-    `max_overlap` of its area with object pixels (0: they touch no object).
+def pixel_size(box: Box, height: int, width: int) -> tuple[int, int]:
+    """(rows, cols) of the pixels whose centres lie in the box (Box.pixel_slices); 0 when it covers none."""
+    rows, cols = box.pixel_slices(width, height)
+    return rows.stop - rows.start, cols.stop - cols.start
 
-    Candidates lie on a grid of step max(1, side / 4); the first is the one
-    farthest from the object's box centre, each next one the farthest from
-    those already chosen (farthest-point sampling). Empty when none fits.
+
+def control_boxes(object_mask: torch.Tensor, box: Box, count: int, max_overlap: float = 0.0) -> list[Box]:
+    """Up to `count` boxes of box's size in pixels, spread apart, each covering at
+    most `max_overlap` of its area with object pixels (0: they touch no object).
+
+    The size is that of the pixels the box covers (pixel_size), so a control
+    occludes as many rows and columns as the object's mask does. Candidates lie
+    on a grid of step max(1, side / 4); the first is the one farthest from the
+    object's box centre, each next one the farthest from those already chosen
+    (farthest-point sampling). Empty when none fits, or when the box covers no
+    pixel (a box under a pixel wide after resizing).
     """
     h, w = object_mask.shape
-    bh, bw = int(round(box.height)), int(round(box.width))
-    if bh > h or bw > w or count <= 0:
+    bh, bw = pixel_size(box, h, w)
+    if bh < 1 or bw < 1 or bh > h or bw > w or count <= 0:
         return []
     ys = window_starts(h, bh, max(1, bh // 4))
     xs = window_starts(w, bw, max(1, bw // 4))
