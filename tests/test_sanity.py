@@ -201,3 +201,48 @@ def test_constant_original_maps_are_an_error(demo, monkeypatch):
     result = _run(spec, data, evidence_samples=0)
     assert result.status is Status.ERROR
     assert "constant" in result.message
+
+
+# -- near-constant is constant (issue 13) ------------------------------------------------
+
+
+def test_spearman_of_a_map_constant_up_to_rounding_is_nan():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64, generator=gen)
+    flat = 0.25 + 0.25 * 1e-7 * torch.randn(3, 64, generator=gen)  # relative spread ~ 1e-7, as float32 rounding
+    assert bool((flat.amax(1) > flat.amin(1)).all())  # not exactly constant
+    rho = rnd.spearman_rows(x, flat)
+    assert torch.isnan(rho).all(), rho
+    assert torch.isnan(rnd.spearman_rows(flat, x)).all()
+    assert not torch.isnan(rnd.spearman_rows(x, x + 1e-3 * flat)).any()  # a real ranking stays defined
+
+
+def test_grad_cam_constant_up_to_rounding_never_passes():
+    """The demo with stage4's conv zeroed: its Grad-CAM maps are constant up to rounding (relative spread
+    1.7e-7). Before: PASSED on the Spearman of the rounding noise of 7 of 16 samples."""
+    from auditkit.demo import demo_model, shapes_dataset
+
+    spec = demo_model()
+    with torch.no_grad():
+        spec.module.stage4[0].weight.zero_()
+    data = shapes_dataset().for_model(spec.class_names, spec.input_size)
+    result = _run(spec, data, evidence_samples=0)
+    print(result.summary())
+    assert result.status is Status.ERROR, result.summary()
+    assert "maps are constant (up to rounding" in result.message and "for all 8 samples" in result.message
+
+
+def test_non_finite_maps_are_an_error_naming_method_layer_and_sample(demo, monkeypatch):
+    spec, data = demo
+    real = sal.saliency_map
+
+    def nan_on_the_third(subject, images, targets, method, layer=None, **options):
+        maps = real(subject, images, targets, method, layer=layer, **options)
+        maps[2, 0, 0] = float("nan")
+        return maps
+
+    monkeypatch.setattr(sal, "saliency_map", nan_on_the_third)
+    result = _run(spec, data, evidence_samples=0)
+    assert result.status is Status.ERROR, result.summary()
+    assert "NonFiniteError" in result.message and "'grad_cam'" in result.message and "'stage4'" in result.message
+    assert f"1 of 8 sample(s): {data[2].id!r}" in result.message

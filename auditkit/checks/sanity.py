@@ -10,6 +10,7 @@ from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least
 from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import randomisation as rnd
+from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
 from auditkit.methods import saliency as sal
 from auditkit.subject import Subject
 
@@ -31,8 +32,8 @@ class SaliencySanity(Check):
     description = (
         "rho_k = mean over samples of Spearman(|map of the trained model|, |map after re-initialising the "
         "top k parameter layers|) (Adebayo et al. 2018, cascading randomisation). The check passes when "
-        "rho after randomising all layers is <= max_similarity. Samples whose map is constant (no ranking) "
-        "are left out of the mean and counted."
+        "rho after randomising all layers is <= max_similarity. Samples whose map is constant up to rounding "
+        "(no ranking) are left out of the mean and counted; if every trained map is, the check cannot run."
     )
 
     method: Method = "grad_cam"
@@ -49,8 +50,11 @@ class SaliencySanity(Check):
         require_at_least(self, samples=1, evidence_samples=0)
         validate_method_layer(self)
 
-    def _maps(self, subject, images, labels, layer) -> torch.Tensor:
+    def _maps(self, subject, images, labels, layer, ids, state: str = "trained") -> torch.Tensor:
+        """The maps (absolute when `absolute`); NaN or inf is a NonFiniteError naming method, layer, samples."""
         maps = sal.saliency_map(subject, images, labels, self.method, layer=layer).float()
+        require_finite(maps, f"saliency map of the {state} model", method=self.method, layer=layer or "",
+                       sample_ids=ids)
         return maps.abs() if self.absolute else maps
 
     def run(self, subject, audit_set) -> CheckResult:
@@ -66,12 +70,14 @@ class SaliencySanity(Check):
             if layer is None:
                 return self.error_result(f"model {subject.name!r} has no layers; give the check a layer for grad_cam")
 
-        original = self._maps(subject, images, labels, layer)
-        flat = original.flatten(1)
-        usable = flat.amax(1) > flat.amin(1)
-        if not bool(usable.any()):
+        ids = [sample.id for sample in first]
+        original = self._maps(subject, images, labels, layer, ids)
+        usable = ~constant_rows(original)
+        if not bool(usable.any()):  # no ranking at all: the check cannot run (ERROR), it must never pass
             return self.error_result(
-                f"{self.method}: the trained model's maps are constant for all {n} samples; nothing to compare"
+                f"{self.method}: the trained model's maps are constant (up to rounding: max - min <= "
+                f"{CONSTANT_RTOL:g} x max) for all {n} samples{f' at layer {layer!r}' if layer else ''}; "
+                f"there is no ranking to compare with the randomised model's"
             )
         dropped = int((~usable).sum())
 
@@ -79,7 +85,7 @@ class SaliencySanity(Check):
         for name, copy in rnd.cascade(subject.module, seed=self.seed):
             with Subject(replace(subject.spec, module=copy), device=subject.device,
                          batch_size=subject.batch_size) as randomised:
-                maps = self._maps(randomised, images, labels, layer)
+                maps = self._maps(randomised, images, labels, layer, ids, f"randomised (down to {name or '<root>'})")
             rho = rnd.spearman_rows(original, maps)[usable]
             defined = rho[~torch.isnan(rho)]
             mean = float(defined.mean()) if defined.numel() else math.nan
@@ -93,7 +99,7 @@ class SaliencySanity(Check):
         last = rows[-1]
         notes = []
         if dropped:
-            notes.append(f"{dropped} of {n} samples left out: the trained model's map is constant")
+            notes.append(f"{dropped} of {n} samples left out: the trained model's map is constant (up to rounding)")
         constant_steps = [r for r in rows if r["constant_maps"]]
         if constant_steps:
             notes.append(f"the randomised map is constant (Spearman undefined, left out) for some samples at "

@@ -10,7 +10,9 @@ argsort(argsort(x)): tied values get distinct (order-of-appearance) ranks, not
 the average rank that scipy.stats.spearmanr gives them. Without ties the two
 agree; saliency maps are real-valued so ties are rare, except in flat regions
 (e.g. the zeros of a ReLU'd Grad-CAM), where this version is slightly noisier.
-A constant map has no ranking to compare: its correlation is NaN.
+A constant map has no ranking to compare: its correlation is NaN. "Constant" is up to rounding
+(numerics.constant_rows: max - min <= rtol * max |value|), so a map whose spread is float rounding
+(relative 1e-7) is not ranked by its noise.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from auditkit.methods.numerics import constant_rows
 from auditkit.subject import copy_without_hooks
 
 __all__ = ["parameter_layers", "reinitialise", "cascade", "spearman", "spearman_rows"]
@@ -91,7 +94,8 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Spearman's rho of each row of a (N x ...) with the same row of b: N float64 values.
 
-    Rows are flattened; NaN where either row is constant. Ties: see the module docstring.
+    Rows are flattened; NaN where either row is constant up to rounding (numerics.constant_rows).
+    Ties: see the module docstring.
     """
     a = torch.as_tensor(a).detach().cpu()
     b = torch.as_tensor(b).detach().cpu()
@@ -100,7 +104,7 @@ def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     if a.shape != b.shape:
         raise ValueError(f"spearman_rows: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
-    constant = (a.amax(1) == a.amin(1)) | (b.amax(1) == b.amin(1)) if a.shape[1] else torch.ones(a.shape[0], dtype=torch.bool)
+    constant = constant_rows(a) | constant_rows(b)
     ra, rb = _ranks(a), _ranks(b)
     ra = ra - ra.mean(1, keepdim=True)
     rb = rb - rb.mean(1, keepdim=True)
