@@ -28,6 +28,7 @@ __all__ = [
     "to_pil",
     "colormap",
     "overlay",
+    "colorbar",
     "draw_boxes",
     "mark_point",
     "argmax_xy",
@@ -165,12 +166,17 @@ def overlay(
     *,
     alpha: float = 0.5,
     signed: bool = False,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Image.Image:
     """The heat map blended over a slightly desaturated copy of the image; an RGB image of the image's size.
 
     `heat` (H' x W') is resized bilinearly to the image's H x W if sizes differ.
-    Unsigned maps use "inferno" scaled to their min/max; signed maps use
-    "coolwarm" symmetric about 0. `alpha` is the weight of the heat colours.
+    Unsigned maps use "inferno", signed maps "coolwarm". By default the scale
+    is the map's own (min/max, or symmetric about 0 when signed), so a
+    near-zero map is stretched to the full colour range; give vmin/vmax to
+    put every map on one stated scale (and draw it with colorbar()). `alpha`
+    is the weight of the heat colours.
     """
     img = torch.nan_to_num(_as_chw(image), nan=0.0).clamp(0.0, 1.0)
     if img.shape[0] == 1:
@@ -183,7 +189,7 @@ def overlay(
         raise ValueError(f"overlay expects an H x W heat map, got shape {tuple(hm.shape)}")
     if tuple(hm.shape) != (h, w):
         hm = F.interpolate(hm[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    colors = colormap(hm, cmap="coolwarm" if signed else "inferno")
+    colors = colormap(hm, cmap="coolwarm" if signed else "inferno", vmin=vmin, vmax=vmax)
     # Desaturate (and lighten a touch) so the heat colours stand out.
     gray = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]).unsqueeze(0)
     base = 0.55 * img + 0.45 * gray
@@ -350,6 +356,55 @@ def panel_grid(
                 canvas.paste(panel, (px, py))
             x += col_w[c] + GRID_PAD
         y += title_h + row_h[r] + GRID_PAD
+    return canvas
+
+
+def colorbar(
+    vmin: float,
+    vmax: float,
+    *,
+    cmap: str = "coolwarm",
+    height: int = 160,
+    width: int = 14,
+    label: str = "",
+    ticks: Sequence[float] | None = None,
+) -> Image.Image:
+    """A vertical colour bar on white: `cmap` from vmax (top) to vmin (bottom), tick marks and values on its right.
+
+    Strip row r (of `height`) shows v = vmax - (vmax - vmin) * r / (height - 1),
+    coloured as colormap(v, cmap=cmap, vmin=vmin, vmax=vmax) colours it, so
+    the bar is the legend of maps drawn with the same vmin/vmax. `ticks`
+    default to nice_ticks(vmin, vmax) that lie in [vmin, vmax]; `label`
+    (e.g. the quantity) is written above the strip.
+    """
+    if not (math.isfinite(vmin) and math.isfinite(vmax) and vmax > vmin):
+        raise ValueError(f"colorbar needs finite vmin < vmax, got {vmin}, {vmax}")
+    if height < 2 or width < 1:
+        raise ValueError(f"colorbar needs height >= 2 and width >= 1, got {height}, {width}")
+    font = _font()
+    values = torch.linspace(float(vmax), float(vmin), height)[:, None].expand(height, width)
+    strip = to_pil(colormap(values, cmap=cmap, vmin=vmin, vmax=vmax))
+    if ticks is None:
+        eps = (vmax - vmin) * 1e-9
+        ticks = [t for t in nice_ticks(vmin, vmax, 5) if vmin - eps <= t <= vmax + eps]
+    texts = [_tick_label(float(t)) for t in ticks]
+    line_h = _line_height(font)
+    pad, tick_len, gap = 4, 4, 2
+    label_h = line_h + _CAPTION_GAP if label else 0
+    text_w = max((_text_size(font, t)[0] for t in texts), default=0)
+    top = pad + label_h + line_h // 2  # room for the top tick's text
+    total_w = max(pad + width + tick_len + gap + text_w + pad, pad + _text_size(font, label)[0] + pad if label else 0)
+    canvas = Image.new("RGB", (total_w, top + height + line_h // 2 + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    if label:
+        draw.text((pad, pad), label, fill=(40, 40, 40), font=font)
+    canvas.paste(strip, (pad, top))
+    for t, text in zip(ticks, texts):
+        y = top + round((vmax - float(t)) / (vmax - vmin) * (height - 1))
+        x = pad + width
+        draw.line([(x, y), (x + tick_len - 1, y)], fill=(40, 40, 40))
+        th = _text_size(font, text)[1]
+        draw.text((x + tick_len + gap, y - th // 2), text, fill=(40, 40, 40), font=font)
     return canvas
 
 

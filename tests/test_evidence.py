@@ -184,3 +184,58 @@ def test_to_pil_batch_matches_to_pil_image_by_image():
         assert np.array_equal(np.asarray(pic), np.asarray(to_pil(img).convert("RGB")))
     with pytest.raises(ValueError, match="N x C x H x W"):
         to_pil_batch(torch.rand(3, 5, 4))
+
+
+# -- a stated colour scale (issue 13, point 10: a near-zero occlusion map looked hot) -------------
+
+
+def test_overlay_on_a_fixed_scale_shows_a_near_zero_map_as_zero() -> None:
+    from auditkit.evidence import colormap, overlay
+
+    image = torch.full((3, 12, 12), 0.5)
+    tiny = torch.rand(12, 12, generator=torch.Generator().manual_seed(0)) * 1e-4
+    fixed = np.asarray(overlay(image, tiny, signed=True, vmin=-1.0, vmax=1.0)).astype(int)
+    zero = np.asarray(overlay(image, torch.zeros(12, 12), signed=True, vmin=-1.0, vmax=1.0)).astype(int)
+    assert np.abs(fixed - zero).max() <= 1  # within one 8-bit level of "no change" everywhere
+    neutral = colormap(torch.zeros(1, 1), cmap="coolwarm", vmin=-1.0, vmax=1.0)[:, 0, 0]
+    assert np.allclose(zero[0, 0] / 255, 0.5 * 0.5 + 0.5 * neutral.numpy(), atol=2 / 255)
+    # the map's own range would stretch 1e-4 to the full colour range: the hot end shows up
+    stretched = np.asarray(overlay(image, tiny, signed=True)).astype(int)
+    assert np.abs(stretched - zero).max() > 40
+    # and a real drop of 1 is the hot end of the fixed scale
+    hot = np.asarray(overlay(image, torch.ones(12, 12), signed=True, vmin=-1.0, vmax=1.0)).astype(int)
+    assert hot[0, 0, 0] > hot[0, 0, 2] + 40
+
+
+def test_colorbar_shows_the_scale_with_ticks() -> None:
+    from auditkit.evidence import colorbar, colormap
+
+    bar = colorbar(-1.0, 1.0, height=101, width=10, label="drop in p")
+    assert bar.mode == "RGB" and bar.height > 101 and bar.width > 10
+    arr = np.asarray(bar).astype(int)
+    strip = colorbar_strip(arr, 10)
+    assert strip.shape[0] == 101
+    expect = lambda v: (colormap(torch.tensor([[v]]), cmap="coolwarm", vmin=-1.0, vmax=1.0)[:, 0, 0].numpy() * 255)  # noqa: E731
+    assert np.allclose(strip[0], expect(1.0), atol=1.5)  # top: vmax
+    assert np.allclose(strip[50], expect(0.0), atol=1.5)  # middle: 0
+    assert np.allclose(strip[-1], expect(-1.0), atol=1.5)  # bottom: vmin
+    # tick labels are drawn to the right of the strip (dark text on white)
+    right = arr[:, arr.shape[1] // 2:]
+    assert (right.sum(axis=2) < 300).sum() > 20
+    plain = colorbar(0.0, 1.0, cmap="inferno", height=50)
+    assert np.asarray(plain).shape[0] < bar.height + 50
+
+
+def colorbar_strip(arr: np.ndarray, width: int) -> np.ndarray:
+    """A colour bar's strip colours, top to bottom: the longest run of non-white rows in the middle of the first coloured column."""
+    coloured = [x for x in range(arr.shape[1]) if (arr[:, x].sum(axis=1) < 3 * 250).sum() > arr.shape[0] // 2]
+    assert coloured, "no colour strip found"
+    column = arr[:, coloured[0] + width // 2]
+    best, start = (0, 0), None
+    for y, white in enumerate(list((column == 255).all(axis=1)) + [True]):
+        if not white and start is None:
+            start = y
+        elif white and start is not None:
+            best, start = max(best, (y - start, start)), None
+    length, top = best
+    return column[top: top + length]
