@@ -428,3 +428,126 @@ def test_a_constant_layer_has_no_invariance_and_fails_the_check():
         result = InvarianceGrowsWithDepth().execute(subject, data)
     assert result.status is Status.FAILED
     assert "layer(s) dead give the same output for every image" in result.message
+
+
+# -- near-constant is constant; magnitudes that measure nothing (issue 13) ----------------------------
+
+
+class _AlmostConstant(nn.Module):
+    """1 + 1e-7 x: the same for every image up to float32 rounding (a few ulps of 1)."""
+
+    def forward(self, x):
+        return 1.0 + 1e-7 * x
+
+
+class _AlmostDeadTop(_DeadTop):
+    def __init__(self):
+        super().__init__()
+        self.dead = _AlmostConstant()
+
+
+def _noise_set(n=8, size=16):
+    return AuditSet([Sample(torch.rand(3, size, size, generator=torch.Generator().manual_seed(i)), i % 2, (), f"s{i}")
+                     for i in range(n)], ["a", "b"], name="noise")
+
+
+def test_a_layer_constant_up_to_rounding_has_no_invariance_and_fails_the_check():
+    gen = torch.Generator().manual_seed(0)
+    base = (1.0 + 1e-7 * torch.randn(6, 10, generator=gen)).float()
+    moved = (1.0 + 1e-7 * torch.randn(6, 10, generator=gen)).float()
+    assert fe.mean_pairwise_distance(base) > 0  # not exactly constant
+    assert fe.rows_all_equal(base) and not fe.rows_all_equal(torch.randn(6, 10, generator=gen))
+    assert np.isnan(fe.invariance_from_features(base, moved))
+    spec = ModelSpec(module=_AlmostDeadTop(), class_names=["a", "b"], input_size=(16, 16), layers=["conv", "dead"],
+                     name="almost-dead")
+    with Subject(spec, device="cpu") as subject:
+        result = InvarianceGrowsWithDepth(min_gain=-2.0).execute(subject, _noise_set())
+    assert result.status is Status.FAILED, result.summary()
+    assert "layer(s) dead give the same output for every image" in result.message
+    assert all(np.isnan(row["invariance"]) for row in result.rows if row["layer"] == "dead")
+
+
+class _Scaled(nn.Module):
+    def forward(self, x):
+        return 3.0 * x
+
+
+class _ConvThenScaled(nn.Module):
+    """Layer `triple` is 3 x layer `conv`: the same invariance, up to rounding, at both depths."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.triple = _Scaled()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.triple(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_invariances_tied_up_to_rounding_have_no_rank_correlation():
+    spec = ModelSpec(module=_ConvThenScaled(), class_names=["a", "b"], input_size=(16, 16),
+                     layers=["conv", "triple"], name="scaled")
+    with Subject(spec, device="cpu") as subject:
+        result = InvarianceGrowsWithDepth(min_rho=-1.0, min_gain=-2.0).execute(subject, _noise_set())
+    per_layer = {(r["magnitude"], r["layer"]): r["invariance"] for r in result.rows}
+    for m in (2.0, 4.0, 8.0):
+        assert per_layer[m, "conv"] == pytest.approx(per_layer[m, "triple"], abs=1e-9)
+    assert all(np.isnan(rho) for rho in result.details["rho_per_magnitude"]), result.details["rho_per_magnitude"]
+    assert result.status is Status.FAILED, result.summary()
+
+
+@pytest.mark.parametrize("transform, magnitudes, match", [
+    ("translate", (-4, 0), r"magnitudes: translate needs whole, nonzero pixel shifts.*got 0"),
+    ("translate", (2.5,), r"magnitudes: translate needs whole, nonzero pixel shifts.*got 2.5"),
+    ("translate", (4, 4), r"magnitudes: 4 is listed twice"),
+    ("scale", (0.8, 1.0), r"magnitudes: scale needs zoom factors > 0 and != 1.*got 1"),
+    ("scale", (0.0,), r"magnitudes: scale needs zoom factors > 0 and != 1.*got 0"),
+    ("scale", (-0.5,), r"magnitudes: scale needs zoom factors > 0 and != 1.*got -0.5"),
+    ("rotate", (0,), r"magnitudes: rotate needs angles in degrees that are not a multiple of 360.*got 0"),
+    ("rotate", (10, 360), r"magnitudes: rotate needs angles in degrees that are not a multiple of 360.*got 360"),
+    ("rotate", (float("nan"),), r"magnitudes: .*got nan"),
+])
+def test_magnitudes_that_measure_nothing_are_config_errors(transform, magnitudes, match):
+    """Before: magnitudes = [-4, 0] was accepted, and the identity shift made the check's Spearman NaN."""
+    with pytest.raises(CheckConfigError, match=match):
+        InvarianceGrowsWithDepth(transform=transform, magnitudes=magnitudes)
+
+
+def test_negative_magnitudes_mean_the_other_direction(demo):
+    subject, data = demo
+    images = data.subset(list(range(0, len(data), 6))).images()
+    torch.testing.assert_close(fe.translate(images, -4)[..., :-4], images[..., 4:])  # content moves left
+    for transform, magnitudes in (("translate", (-4, 4)), ("rotate", (-20, 20))):
+        result = InvarianceGrowsWithDepth(transform=transform, magnitudes=magnitudes, samples=8).execute(subject, data)
+        assert result.status is not Status.ERROR, result.summary()
+        assert all(np.isfinite(rho) for rho in result.details["rho_per_magnitude"]), result.summary()
+
+
+class _NaNWhereHigh(nn.Module):
+    def forward(self, x):
+        return torch.where((x[:, :1, :1, :1] > 0.2).expand_as(x), torch.full_like(x, float("nan")), x)
+
+
+class _NaNLayer(nn.Module):
+    """Layer `odd` is NaN for some images; the forward replaces NaN by 0, so the logits stay finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.odd = _NaNWhereHigh()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(self.odd(self.conv(x)), nan=0.0).mean(dim=(2, 3)))
+
+
+def test_non_finite_layer_output_is_an_error_naming_the_layer():
+    spec = ModelSpec(module=_NaNLayer(), class_names=["a", "b"], input_size=(16, 16), layers=["conv", "odd"],
+                     name="nan")
+    with Subject(spec, device="cpu") as subject:
+        result = InvarianceGrowsWithDepth().execute(subject, _noise_set())
+    assert result.status is Status.ERROR, result.summary()
+    assert "NonFiniteError" in result.message and "layer 'odd'" in result.message and "'s" in result.message

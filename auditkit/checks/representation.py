@@ -21,6 +21,7 @@ from auditkit.checks.base import (
     spread_indices,
 )
 from auditkit.methods import features as fe
+from auditkit.methods.numerics import constant_rows, require_finite
 
 DEFAULT_MAGNITUDES: dict[str, tuple[float, ...]] = {
     "translate": (2.0, 4.0, 8.0),  # pixels, horizontal
@@ -31,14 +32,22 @@ _LISTED = 20  # dead channel indices listed per row
 _UNIT = {"translate": "px", "scale": "x", "rotate": "deg"}
 
 
-def _measure(subject, images, labels, layers, transform, mags, base, spread):
+def _finite(features, layers, ids, what):
+    """NonFiniteError naming the layer and the samples unless every layer's features are finite."""
+    for name in layers:
+        require_finite(features[name], f"layer output{what}", method="invariance", layer=name, sample_ids=ids)
+
+
+def _measure(subject, images, labels, layers, transform, mags, base, spread, ids):
     """For each magnitude m: invariance per layer (table[m]), mean p(true class) of the transformed
     images (prob[m], from the same forward passes), rho = Spearman(depth, invariance) (NaN when all
-    layers tie) and gain = last-layer minus first-layer invariance."""
+    layers tie up to rounding: ranks of rounding noise are no trend) and gain = last-layer minus
+    first-layer invariance."""
     fn = fe.TRANSFORMS[transform]
     table, prob = {}, {}
     for m in mags:
         moved, logits = fe.features_and_logits(subject, fn(images, m), layers)
+        _finite(moved, layers, ids, f" under {transform} {m:g}{_UNIT[transform]}")
         table[m] = {name: fe.invariance_from_features(base[name], moved[name], spread[name]) for name in layers}
         prob[m] = _true_class_probability(logits, labels)
         del moved
@@ -46,7 +55,8 @@ def _measure(subject, images, labels, layers, transform, mags, base, spread):
     rhos, gains = [], []
     for m in mags:
         values = [table[m][name] for name in layers]
-        rho = spearmanr(depth, values).statistic if len(set(values)) > 1 else float("nan")
+        tied = bool(constant_rows(torch.tensor([values], dtype=torch.float64))[0])
+        rho = float("nan") if tied else spearmanr(depth, values).statistic
         rhos.append(float(rho))
         gains.append(values[-1] - values[0])
     return table, prob, rhos, gains
@@ -114,11 +124,31 @@ class InvarianceGrowsWithDepth(Check):
         if not math.isfinite(self.min_gain):
             raise CheckConfigError(f"check {self.name!r}: min_gain must be finite, got {self.min_gain}")
         require_at_least(self, samples=2)
+        self._validate_magnitudes()
+
+    def _validate_magnitudes(self) -> None:
+        """Every magnitude must move the image: an identity (shift 0, zoom 1, a turn by a multiple of 360
+        degrees) makes every layer's invariance 1, so its Spearman is NaN. Negative shifts and angles
+        are the other direction and fine."""
+        expected = {
+            "translate": "whole, nonzero pixel shifts (negative ones move the image left)",
+            "scale": "zoom factors > 0 and != 1 (1 is the identity; < 1 shrinks, > 1 enlarges)",
+            "rotate": "angles in degrees that are not a multiple of 360 (those are the identity; negative "
+                      "angles turn the other way)",
+        }[self.transform]
+        seen = set()
         for m in self.magnitudes:
-            if not math.isfinite(m) or (self.transform == "scale" and m <= 0):
-                raise CheckConfigError(
-                    f"check {self.name!r}: magnitude {m!r} is not valid for transform {self.transform!r}"
-                )
+            if not math.isfinite(m):
+                raise CheckConfigError(f"check {self.name!r}: magnitudes: each must be a finite number, got {m!r}")
+            moves = {"translate": m == round(m) and m != 0, "scale": m > 0 and m != 1,
+                     "rotate": m % 360 != 0}[self.transform]
+            if not moves:
+                raise CheckConfigError(f"check {self.name!r}: magnitudes: {self.transform} needs {expected}, "
+                                       f"got {m:g} in {list(self.magnitudes)}")
+            if m in seen:
+                raise CheckConfigError(f"check {self.name!r}: magnitudes: {m:g} is listed twice in "
+                                       f"{list(self.magnitudes)}")
+            seen.add(m)
 
     @property
     def used_magnitudes(self) -> tuple[float, ...]:
@@ -136,9 +166,11 @@ class InvarianceGrowsWithDepth(Check):
         mags = self.used_magnitudes
         unit = _UNIT[self.transform]
 
+        ids = [sample.id for sample in subset]
         base, base_logits = fe.features_and_logits(subject, images, layers)
+        _finite(base, layers, ids, "")
         spread = {name: fe.mean_pairwise_distance(base[name]) for name in layers}  # shared denominators
-        table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base, spread)
+        table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base, spread, ids)
         prob[1.0 if self.transform == "scale" else 0.0] = _true_class_probability(base_logits, labels)
         depth = list(range(1, len(layers) + 1))
         mean_rho = float(sum(rhos) / len(rhos))
@@ -147,7 +179,7 @@ class InvarianceGrowsWithDepth(Check):
         shown: dict[str, dict] = {}
         for other in self.compare:
             o_mags = DEFAULT_MAGNITUDES[other]
-            o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread)
+            o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread, ids)
             shown[other] = {"magnitudes": list(o_mags), "invariance": {f"{m:g}": o_table[m] for m in o_mags},
                             "rho_per_magnitude": o_rhos, "gain_per_magnitude": o_gains,
                             "mean_rho": float(sum(o_rhos) / len(o_rhos)),
@@ -161,7 +193,7 @@ class InvarianceGrowsWithDepth(Check):
         per_mag = ", ".join(f"{m:g}{unit}: rho {r:.2f}, gain {g:+.2f}" for m, r, g in zip(mags, rhos, gains))
         message = (f"{self.transform}, {len(chosen)} samples; mean Spearman {mean_rho:.2f}, mean gain "
                    f"{layers[-1]} - {layers[0]} = {mean_gain:+.3f} (needs >= {self.min_gain:g}); {per_mag}")
-        constant = [name for name in layers if not spread[name] > 0]
+        constant = [name for name in layers if fe.rows_all_equal(base[name])]  # up to rounding
         if constant:  # invariance is NaN there, so rho and the gain are NaN and the check fails
             message = (f"layer(s) {', '.join(constant)} give the same output for every image, so their "
                        f"invariance cannot be measured; " + message)

@@ -234,12 +234,13 @@ def invariance_from_features(base: torch.Tensor, moved: torch.Tensor, spread: fl
     """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features.
 
     `spread` may hold mean_pairwise_distance(base), computed once for many `moved`. A layer whose
-    output is the same for every image (spread 0) cannot be measured: NaN, never a perfect 1.
+    output is the same for every image up to rounding (rows_all_equal) cannot be measured: NaN, never
+    a perfect 1 nor a ratio of rounding noise.
     """
     if base.shape[0] < 2:
         raise ValueError(f"invariance needs at least 2 images, got {base.shape[0]}")
     den = mean_pairwise_distance(base) if spread is None else spread
-    if not den > 0:
+    if not den > 0 or rows_all_equal(base):
         return math.nan
     num = (base.flatten(1).double() - moved.flatten(1).double()).norm(dim=1).mean()
     return float(1.0 - num / den)
