@@ -223,3 +223,53 @@ def test_min_samples_must_be_at_least_one():
 
     with pytest.raises(CheckConfigError, match="min_samples must be >= 1"):
         OcclusionDrop(min_samples=0)
+
+
+# -- the occlusion map on one stated scale, with a colour bar (issue 13, point 10) ----------------
+
+
+def _evidence_pixels(result) -> "np.ndarray":
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    (evidence,) = result.evidence
+    return np.asarray(Image.open(io.BytesIO(evidence.data)).convert("RGB")).astype(int)
+
+
+def _find(big, small) -> tuple[int, int] | None:
+    """(y, x) where the picture `small` appears pixel for pixel in `big`, or None."""
+    import numpy as np
+
+    h, w = small.shape[:2]
+    ys, xs = np.nonzero((big[: big.shape[0] - h + 1, : big.shape[1] - w + 1] == small[0, 0]).all(axis=2))
+    return next(((y, x) for y, x in zip(ys, xs) if (big[y : y + h, x : x + w] == small).all()), None)
+
+
+def test_a_near_zero_occlusion_map_is_drawn_near_the_zero_colour_with_a_colour_bar():
+    """gain 1e-3: covering anything moves p by about 1e-5. Scaled to its own range that looked hot."""
+    import numpy as np
+
+    from auditkit import evidence as ev
+    from auditkit.checks.occlusion import MAP_SCALE
+
+    data = halves_set(n=2)
+    with Subject(region_spec(gain=1e-3), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero", min_samples=1, evidence_samples=1).execute(subject, data)
+    assert result.status is Status.FAILED and result.evidence
+    pixels = _evidence_pixels(result)
+    assert MAP_SCALE == (-1.0, 1.0)
+    bar = np.asarray(ev.colorbar(*MAP_SCALE, height=16 * 12, label="drop in p")).astype(int)
+    where = _find(pixels, bar)
+    assert where is not None, "the evidence shows no colour bar of the map's scale"
+    pixels = pixels.copy()
+    pixels[where[0] : where[0] + bar.shape[0], where[1] : where[1] + bar.shape[1]] = 255  # the bar itself is all colours
+    # hot colours of either colour map blended over the black and the white of these images
+    hot = [np.array(ev.colormap(torch.tensor([[v]]), cmap=cmap, vmin=0.0, vmax=1.0)[:, 0, 0].tolist()) * 255
+           for cmap in ("inferno", "coolwarm") for v in (0.7, 0.85, 1.0)]
+    blended = [0.5 * 255 * base + 0.5 * colour for colour in hot for base in (0.0, 1.0)]
+    for colour in blended:
+        assert np.abs(pixels - colour).sum(axis=2).min() > 12, f"a hot pixel {colour} in a near-zero map"
+    caption = result.evidence[0].caption
+    assert "-1" in caption and "+1" in caption and "every image" in caption

@@ -11,6 +11,10 @@ from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, r
 from auditkit.methods import occlusion as occ
 
 
+#: The colour scale of every occlusion map: the drop p - p_occluded lies in [-1, 1].
+MAP_SCALE = (-1.0, 1.0)
+
+
 @dataclass
 class OcclusionDrop(Check):
     """Occluding the object must cut the true-class probability; occluding elsewhere must not.
@@ -198,16 +202,21 @@ class OcclusionDrop(Check):
             picture = boxes_on(images[j], placements[j], (255, 160, 0))
             picture = ev.draw_boxes(picture, [b.scaled(scale, scale) for b in sample.boxes], color=(0, 255, 0), width=2)
             x, y = ev.argmax_xy(maps[k])
-            heat = ev.mark_point(boxes_on(ev.overlay(images[j], maps[k]), sample.boxes), ((x + 0.5) * scale, (y + 0.5) * scale))
+            heat = ev.overlay(images[j], maps[k], signed=True, vmin=MAP_SCALE[0], vmax=MAP_SCALE[1])
+            heat = ev.mark_point(boxes_on(heat, sample.boxes), ((x + 0.5) * scale, (y + 0.5) * scale))
             rows.append([picture, ev.upscale(occluded[k], scale), heat])
             titles.append(["image, box, controls", "object occluded", "occlusion map"])
             verdict = {0: "FAIL", 1: "not judged", 2: "pass"}[rank(j)]
             labels_txt.append(f"{sample.id} ({names[int(labels[j])]}) {verdict}")
+        # one scale for every map, so a near-zero map looks near zero: its legend beside the first row
+        rows[0].append(ev.colorbar(*MAP_SCALE, height=images.shape[-2] * scale, label="drop in p"))
+        titles[0].append("scale")
         grid = ev.panel_grid(rows, titles=titles, row_labels=labels_txt, scale=1)
         caption = (
             f"Green: object box; orange: control boxes. Occlusion map: drop in p(true class) when a "
-            f"{patch} x {patch} window (stride {stride}) is replaced by the {self.baseline} baseline; "
-            "brighter = the model relies on it more. Failing samples first."
+            f"{patch} x {patch} window (stride {stride}) is replaced by the {self.baseline} baseline, "
+            f"on one fixed scale for every image, {MAP_SCALE[0]:+g} to {MAP_SCALE[1]:+g} (colour bar): red = covering "
+            "it lowers p, blue = raises it, grey = no change; the ring marks the largest drop. Failing samples first."
         )
         return [ev.png_evidence("Occlusion evidence", grid, caption)]
 
