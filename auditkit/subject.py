@@ -7,7 +7,10 @@ the Subject feeds (x - mean) / std to the module.
 It borrows the user's module: `open()` (or `with Subject(...)`) records its
 state, moves it to the audit device, switches it to eval mode and turns off
 requires_grad; `close()` puts back device, train/eval flags, requires_grad,
-.grad and removes any hook left behind, even after an exception.
+.grad, parameter and buffer values, and removes any hook left behind, even
+after an exception. Between checks, `restore()` puts the module back in the
+audit state open() established (a check that trained the model, moved its
+batch-norm statistics or left a hook behind harms no later check).
 """
 from __future__ import annotations
 
@@ -62,14 +65,77 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 @dataclass
+class _Value:
+    """One parameter or buffer as open() left it: the tensor object, its in-place version and a copy.
+
+    Parameters are copied to the CPU and trusted to bump `_version` when edited in place (optimisers,
+    no_grad edits do). Buffers are copied on their own device and compared by value, because batch norm
+    updates its running statistics inside its kernel without bumping `_version`.
+    """
+
+    ref: torch.Tensor
+    version: int
+    value: torch.Tensor
+    compare: bool  # True for buffers: changed means a different value, not a moved _version
+
+
+_TABLES = (("_parameters", "parameters"), ("_buffers", "buffers"))
+
+
+@dataclass
 class _ModuleState:
-    """What open() changes on the user's module, so close() can put it back."""
+    """What open() changes on the user's module, so close() can put it back, and the values restore() keeps."""
 
     training: dict[str, bool]
     requires_grad: dict[str, bool]
     grads: dict[str, torch.Tensor | None]
     device: torch.device | None
     hooks: dict[tuple[str, str], set] = field(default_factory=dict)
+    values: dict[tuple[str, str, str], _Value] = field(default_factory=dict)  # (module, table, key)
+
+
+def _is_uninitialized(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.parameter.UninitializedTensorMixin)
+
+
+def _snapshot_values(module: nn.Module) -> dict[tuple[str, str, str], _Value]:
+    """A copy of every parameter (on the CPU) and buffer (on its device), tied tensors sharing one, with the
+    tensor object and its _version."""
+    values: dict[tuple[str, str, str], _Value] = {}
+    seen: dict[int, _Value] = {}
+    for name, sub in module.named_modules():
+        for table, _ in _TABLES:
+            entries = getattr(sub, table)
+            for key, t in entries.items():
+                if t is None or _is_uninitialized(t):  # a lazy module materialises its own tensors later
+                    continue
+                if id(t) not in seen:
+                    buffer = table == "_buffers"
+                    value = t.detach().clone() if buffer else t.detach().to("cpu", copy=True)
+                    seen[id(t)] = _Value(ref=t, version=t._version, value=value, compare=buffer)
+                values[(name, table, key)] = seen[id(t)]
+    return values
+
+
+def _differ(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """For each (tensor, copy): do their values differ (NaN equal to NaN)? One device sync per device."""
+    out: list[bool] = [True] * len(pairs)
+    pending: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+    for i, (a, b) in enumerate(pairs):
+        if a.shape == b.shape and a.dtype == b.dtype and a.device == b.device:
+            if a.numel() == 0:
+                out[i] = False
+                continue
+            same = (a == b) | (torch.isnan(a) & torch.isnan(b)) if a.is_floating_point() else a == b
+            pending.setdefault(a.device, []).append((i, (~same).any()))
+    for items in pending.values():
+        for (i, _), flag in zip(items, torch.stack([f for _, f in items]).tolist()):
+            out[i] = bool(flag)
+    return out
+
+
+def _listed(kind: str, names: list[str], limit: int = 8) -> str:
+    return f"{kind} " + ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 _CALL_HOOK_DICTS = _HOOK_DICTS[:7]  # forward / backward hooks: what runs when the module is called
@@ -176,18 +242,86 @@ class Subject:
             module.eval()
             for p in module.parameters():
                 p.requires_grad_(False)
+            # the audit state: the tensors as they are on the audit device (a move does not change values)
+            state.values = _snapshot_values(module)
         except BaseException:
             self.close()
             raise
         return self
 
+    def restore(self) -> list[str]:
+        """Put the module back in the audit state open() established; return what had to be put back.
+
+        Device, eval mode on every submodule, requires_grad off, the .grad the user had, the values of
+        parameters and buffers as at open() (a parameter is copied back when it was replaced or its
+        in-place `_version` moved; a buffer when it was replaced or its value differs, since batch norm
+        updates running statistics without moving `_version`; nothing is copied when nothing changed),
+        and hooks added since open() removed. Not seen: edits of a parameter through `.data`, which
+        bypass `_version`; tensors registered since open() are left alone (a model may cache buffers). Call it between checks, never inside a
+        Subject.capture / forward_hook block (those hooks would be removed). Returns short items such as
+        ["train mode", "buffers bn.running_mean, bn.num_batches_tracked"]; [] when nothing had changed.
+        """
+        state = self._state
+        if state is None:
+            return []
+        module, done = self.module, []
+        if state.device is not None and _single_device(module) != self.device:
+            module.to(self.device)
+            done.append("device")
+        modules = dict(module.named_modules())
+        if any(m.training for m in modules.values()):
+            for m in modules.values():
+                m.training = False
+            done.append("train mode")
+        named = list(module.named_parameters())
+        if any(p.requires_grad for _, p in named):
+            for _, p in named:
+                p.requires_grad_(False)
+            done.append("requires_grad")
+        regrads = [n for n, p in named if n in state.grads and p.grad is not state.grads[n]]
+        for n, p in named:
+            if n in regrads:
+                p.grad = state.grads[n]
+        if regrads:
+            done.append(_listed("grads", regrads))
+        done += self._restore_values(state, modules)
+        hooks = self._remove_new_hooks(modules, state.hooks)
+        if hooks:
+            done.append(_listed("hooks", hooks))
+        return done
+
+    def _restore_values(self, state: _ModuleState, modules: dict[str, nn.Module]) -> list[str]:
+        """Copy back every snapshot whose tensor was replaced or changed; returns "parameters ..." / "buffers ..."."""
+        changed: dict[str, list[str]] = {kind: [] for _, kind in _TABLES}
+        kinds = dict(_TABLES)
+        with torch.no_grad():
+            present = [(k, v) for k, v in state.values.items() if k[0] in modules]
+            buffers = list({id(v.ref): v for _, v in present if v.compare}.values())
+            differs = _differ([(v.ref, v.value) for v in buffers])  # one sync for all buffers
+            stale = {id(v.ref) for v, d in zip(buffers, differs) if d}
+            for (name, table, key), v in present:
+                entries, label = getattr(modules[name], table), f"{name}.{key}" if name else key
+                moved = False
+                if entries.get(key) is not v.ref:
+                    entries[key] = v.ref
+                    moved = True
+                if id(v.ref) in stale or (not v.compare and v.ref._version != v.version):
+                    v.ref.copy_(v.value)
+                    v.version = v.ref._version
+                    stale.discard(id(v.ref))
+                    moved = True
+                if moved:
+                    changed[kinds[table]].append(label)
+        return [_listed(kind, names) for kind, names in changed.items() if names]
+
     def close(self) -> None:
-        """Give the module back exactly as open() found it (device, modes, flags, grads, hooks)."""
+        """Give the module back exactly as open() found it (device, modes, flags, grads, values, hooks)."""
         state, self._state = self._state, None
         if state is None:
             return
         module = self.module
         modules = dict(module.named_modules())
+        self._restore_values(state, modules)
         self._remove_new_hooks(modules, state.hooks)
         if state.device is not None and _single_device(module) != state.device:
             module.to(state.device)
@@ -200,7 +334,9 @@ class Subject:
                 p.grad = state.grads[name]
 
     @staticmethod
-    def _remove_new_hooks(modules: dict[str, nn.Module], before: dict[tuple[str, str], set]) -> None:
+    def _remove_new_hooks(modules: dict[str, nn.Module], before: dict[tuple[str, str], set]) -> list[str]:
+        """Remove the hooks added since `before` was taken; returns "module.table" for each one removed."""
+        removed = []
         for name, sub in modules.items():
             for attr in _HOOK_DICTS:
                 table = getattr(sub, attr, None)
@@ -209,6 +345,8 @@ class Subject:
                 for key in set(table.keys()) - before.get((name, attr), set()):
                     log.warning("auditkit removed a hook left on %s.%s", name or "<root>", attr)
                     del table[key]
+                    removed.append(f"{name or '<root>'}.{attr}")
+        return removed
 
     def __enter__(self) -> "Subject":
         return self.open()

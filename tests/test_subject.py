@@ -179,3 +179,66 @@ def test_cuda_round_trip_restores_device(user_model):
         out = subject.predict(torch.rand(4, 3, 8, 8))
         assert out.device.type == "cpu"
     assert_unchanged(user_model, before)
+
+
+def _training_check():
+    from auditkit.checks.base import Check
+
+    class Careless(Check):
+        kind = "careless"
+
+        def run(self, subject, audit_set):
+            module = subject.module
+            module.train()
+            module.features[0].weight.requires_grad_(True)
+            for _ in range(3):
+                module(torch.rand(4, 3, 8, 8) * 3)
+            with torch.no_grad():
+                module.head.bias.add_(1.0)  # an in-place edit of a parameter
+            module.features[3].register_forward_hook(lambda m, i, o: None)
+            return self.info_result(message="trained the model")
+
+    return Careless()
+
+
+def test_restore_after_a_check_that_trains_the_model(user_model):
+    before = snapshot(user_model)
+    subject = Subject(spec_of(user_model), device="cpu").open()
+    audit = snapshot(user_model)  # the audit state open() established: eval, requires_grad off
+    x = torch.rand(5, 3, 8, 8)
+    clean = subject.predict(x)
+    assert subject.restore() == []  # nothing changed: nothing to put back
+
+    check = _training_check()
+    check.run(subject, None)
+    assert user_model.training and user_model.features[1].num_batches_tracked.item() == 3  # the harm was done
+    restored = subject.restore()
+    assert restored[0] == "train mode" and "requires_grad" in restored
+    assert "parameters head.bias" in restored
+    assert "buffers features.1.running_mean, features.1.running_var, features.1.num_batches_tracked" in restored
+    assert any(r.startswith("hooks ") and "features.3" in r for r in restored)
+    assert_unchanged(user_model, audit)  # buffers, parameters, flags and hooks as open() left them
+    assert torch.equal(subject.predict(x), clean)
+    assert subject.restore() == []
+
+    result = check.execute(subject, None)  # as the session runs it: execute(), then restore()
+    assert result.status.value == "info", result.summary()
+    subject.restore()
+    assert_unchanged(user_model, audit)
+
+    check.run(subject, None)  # harm again, then close without a restore in between
+    subject.close()
+    assert_unchanged(user_model, before)  # the user's model exactly as it was: training mode, frozen layer, grads
+
+
+def test_close_restores_values_changed_during_the_audit(user_model):
+    before = snapshot(user_model)
+    with Subject(spec_of(user_model), device="cpu") as subject:
+        user_model.train()
+        user_model(torch.rand(4, 3, 8, 8))  # moves the batch-norm statistics
+        bn = user_model.features[1]
+        bn.running_var = torch.full_like(bn.running_var, 7.0)  # a buffer replaced, not edited in place
+        subject.predict(torch.rand(2, 3, 8, 8))
+    assert_unchanged(user_model, before)
+    assert user_model.features[1].running_var is not None and torch.equal(
+        user_model.features[1].running_var, before["state"]["features.1.running_var"])
