@@ -280,3 +280,24 @@ def test_loop_and_inversion_run_on_cuda():
         result = InversionConverges(samples=2, random_baseline=False).execute(subject, data)
     assert vis.images.device.type == "cpu" and vis.probability.shape == (5,)
     assert result.status is Status.PASSED, result.message + (result.error or "")
+
+
+def test_class_visualisation_of_a_one_class_model_is_an_error():
+    """A softmax over one logit is 1 for every image, so 'every class reaches p >= min_prob' says nothing.
+    Before: PASSED (1 of 1 classes reach p >= 0.9)."""
+
+    class OneLogit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+            self.head = nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    spec = ModelSpec(module=OneLogit(), class_names=["only"], input_size=(8, 8), layers=["conv"], name="one")
+    with Subject(spec, device="cpu") as subject:
+        result = ClassVisualisation(steps=2).execute(subject, None)
+    assert result.status is Status.ERROR, result.summary()
+    assert "needs at least 2 classes, model 'one' has 1" in result.message

@@ -19,7 +19,7 @@ class ClassVisualisation(Check):
     score S_c (Simonyan et al. 2013) with an L2 pull to grey, jitter and a Fourier parametrisation weighted
     1/f^decay (Lucid's, with decay 2 to favour large structures). Each image must reach p(c | x*) >= min_prob
     within `steps`: a class no image can reach is a defect worth seeing. The value is the share of classes
-    reached; all must be.
+    reached; all must be. A model of one class is an ERROR: its softmax is 1 for any image.
     """
 
     kind = "class-visualisation"
@@ -48,6 +48,10 @@ class ClassVisualisation(Check):
 
     def run(self, subject, audit_set) -> CheckResult:
         names = list(subject.spec.class_names)
+        if len(names) < 2:  # the model, not the audit set, decides: the check cannot run (ERROR), never PASS
+            return self.error_result(
+                f"class visualisation needs at least 2 classes, model {subject.name!r} has {len(names)}: "
+                f"a softmax over one logit is 1 for every image, so reaching p >= min_prob says nothing")
         unknown = [c for c in self.classes if c not in names]
         if unknown:
             raise CheckConfigError(f"check {self.name!r}: unknown class(es) {', '.join(map(repr, unknown))}; "
