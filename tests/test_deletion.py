@@ -121,6 +121,15 @@ def test_ranks_descend_and_break_ties_by_one_fixed_permutation():
     assert dl.pixel_ranks(nan).flatten().tolist() == [3, 1, 0, 2]
 
 
+def test_a_map_constant_up_to_rounding_ranks_as_all_ties():
+    # before: the rounding noise (here a left-to-right ramp of relative size 1e-7) decided the pixel order
+    flat = torch.ones(2, 4, 4)
+    noisy = flat + 1e-7 * torch.arange(16.0).view(1, 4, 4)
+    assert torch.equal(dl.pixel_ranks(noisy), dl.pixel_ranks(flat))
+    real = flat + 1e-2 * torch.arange(16.0).view(1, 4, 4)  # a real spread keeps its own order
+    assert dl.pixel_ranks(real)[0].flatten().tolist() == list(range(15, -1, -1))
+
+
 def test_random_order_maps_are_seeded():
     assert torch.equal(dl.random_order_maps(2, 3, 4, seed=1), dl.random_order_maps(2, 3, 4, seed=1))
     assert not torch.equal(dl.random_order_maps(2, 3, 4, seed=1), dl.random_order_maps(2, 3, 4, seed=2))

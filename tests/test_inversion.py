@@ -4,13 +4,14 @@ from torch import nn
 
 from auditkit import AuditSet, ModelSpec, Sample
 from auditkit.checks.base import CheckConfigError, Status
-from auditkit.checks.inversion import ZERO_NORM_REASON, InversionConverges
+from auditkit.checks.inversion import CONSTANT_REASON, ZERO_NORM_REASON, InversionConverges
 from auditkit.methods.inversion import invert, invert_layers
 from auditkit.subject import AuditModelError, Subject
 
 
 class Probe(nn.Module):
-    """`feat` is the layer under test: identity, times zero, or sqrt(pixel - 0.3) (NaN below 0.3)."""
+    """`feat` is the layer under test: identity, times zero, sqrt(pixel - 0.3) (NaN below 0.3), or flat
+    (0.7 + 1e-7 * pixel: constant up to rounding)."""
 
     def __init__(self, mode: str = "identity"):
         super().__init__()
@@ -24,6 +25,8 @@ class Probe(nn.Module):
             x = x * 0
         elif self.mode == "nan":
             x = torch.sqrt(x - 0.3)
+        elif self.mode == "flat":  # constant up to rounding: a relative spread of 1e-7
+            x = 0.7 + 1e-7 * x
         f = self.feat(x)
         return self.head(torch.nan_to_num(f).mean(dim=(2, 3)))
 
@@ -86,6 +89,16 @@ def test_constant_layer_fails_the_check_with_a_clear_reason():
     assert result.status is Status.FAILED, result.error
     assert result.rows[0]["reason"] == ZERO_NORM_REASON + " for 2 of 2 samples"
     assert ZERO_NORM_REASON in result.message
+
+
+def test_near_constant_layer_fails_the_check_instead_of_passing_trivially():
+    # before: PASSED, any image matches a constant feature map, so the "inversion" converged at once
+    with Subject(probe_spec("flat"), device="cpu") as subject:
+        res = invert(subject, smooth_images(), "feat", steps=20)
+        result = InversionConverges(steps=150, samples=2, random_baseline=False).execute(subject, probe_set())
+    assert res.constant.all() and not res.zero_norm.any() and torch.isnan(res.final_error).all()
+    assert result.status is Status.FAILED, result.summary()
+    assert result.rows[0]["reason"] == CONSTANT_REASON + " for 2 of 2 samples"
 
 
 def test_nan_layer_is_reported_as_diverged():

@@ -15,6 +15,7 @@ from auditkit.methods.optimise import relative_fall
 from auditkit.methods.randomisation import random_copy
 
 ZERO_NORM_REASON = "layer output is constant: all zeros (zero norm)"
+CONSTANT_REASON = "layer output is constant up to rounding (numerics.constant_rows): any image matches it"
 
 
 def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...], list[int], torch.Tensor]:
@@ -133,8 +134,8 @@ class InversionConverges(ConvergenceCheck):
     min_drop from its first to its last value, and over the last tenth of the steps it fell by less than
     `plateau`. The cosine learning-rate schedule ends at lr * final_lr_ratio (1/1000), so a converged loss
     settles by design: the plateau rule catches a step budget too short for the schedule's tail, the error
-    rule catches a plateau in the wrong place. A diverged (NaN/inf or rising) loss or a constant (zero)
-    layer output fails. The check passes when every layer passes. `samples` = 0 inverts the whole audit
+    rule catches a plateau in the wrong place. A diverged (NaN/inf or rising) loss or a layer output that
+    is constant (all zeros, or constant up to rounding) fails. The check passes when every layer passes. `samples` = 0 inverts the whole audit
     set at once (cost grows linearly with it: see benchmarks/synthesis.py). The same inversion through a
     randomly initialised copy of the model is reported beside it (random networks invert well too: He et
     al. 2016), and the pixel distance of each reconstruction to its original shows how much each layer keeps.
@@ -185,8 +186,11 @@ class InversionConverges(ConvergenceCheck):
         error = float(res.final_error.mean())
         zero = (f"{ZERO_NORM_REASON} for {int(res.zero_norm.sum())} of {res.zero_norm.numel()} samples"
                 if bool(res.zero_norm.any()) else "")
+        flat = res.constant & ~res.zero_norm
+        constant = (f"{CONSTANT_REASON} for {int(flat.sum())} of {flat.numel()} samples"
+                    if bool(flat.any()) else "")
         diverged = f"loss diverged (NaN/inf) at step {res.diverged_step}" if bool(res.diverged.any()) else ""
-        drop, fall, reasons = self.layer_verdict(res.curves["total"].mean(1), error, [zero, diverged])
+        drop, fall, reasons = self.layer_verdict(res.curves["total"].mean(1), error, [zero, constant, diverged])
         nan = math.nan
         return {
             "layer": layer, "final_error": error, "max_final_error": float(res.final_error.max()), "drop": drop,

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from auditkit.methods.numerics import require_finite
+from auditkit.methods.numerics import constant_rows, require_finite
 from auditkit.methods.occlusion import baseline_images
 
 
@@ -35,13 +35,17 @@ def pixel_ranks(maps: torch.Tensor, generator: torch.Generator | None = None) ->
     """N x H x W long: 0 for each map's largest value, H*W - 1 for its smallest.
 
     Ties (and NaN, ranked last) are broken by one fixed random permutation of the
-    pixels, drawn from `generator` (seed 0 when None), the same for every map.
+    pixels, drawn from `generator` (seed 0 when None), the same for every map. A map
+    constant up to rounding (numerics.constant_rows) is all ties: its rounding noise
+    does not get to choose the order.
     """
     n, h, w = maps.shape
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     perm = torch.randperm(h * w, generator=generator)
-    flat = torch.nan_to_num(maps.detach().float().cpu().flatten(1), nan=-float("inf"))
+    raw = maps.detach().float().cpu().flatten(1)
+    flat = torch.nan_to_num(raw, nan=-float("inf"))
+    flat[constant_rows(raw) & torch.isfinite(raw).all(1)] = 0.0
     # a stable sort of the permuted pixels: equal values keep the permutation's order
     idx = torch.sort(flat[:, perm], dim=1, descending=True, stable=True).indices
     order = perm[idx]  # N x HW: pixel indices, most salient first

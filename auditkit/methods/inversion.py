@@ -17,7 +17,8 @@ kept for fidelity to the paper and weighted lightly.
 
 A layer whose output for x0 is all zeros (||f_l(x0)|| = 0) makes E_feat 0/0: for those images
 `zero_norm` is set, the feature term falls back to the unnormalised ||f_l(x) - f_l(x0)||^2, and
-`final_error` is NaN. Diverged images (non-finite loss or gradient, or features of the final image that
+`final_error` is NaN; so it is for a layer output constant up to rounding (`constant`,
+numerics.constant_rows: any image matches it). Diverged images (non-finite loss or gradient, or features of the final image that
 are not finite) also get a NaN `final_error`. Features of the images to invert that are not finite raise
 NonFiniteError (numerics.require_finite): there is nothing to invert towards.
 """
@@ -29,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from auditkit.methods.numerics import require_finite
+from auditkit.methods.numerics import constant_rows, require_finite
 from auditkit.methods.optimise import forward_to, optimise
 
 #: Default weights, chosen so that the feature term dominates (it starts near 1 and should fall
@@ -46,6 +47,7 @@ class InversionResult:
     curves: dict[str, torch.Tensor]  # term -> steps_done x N: "feature", "alpha", "tv", "total"
     final_error: torch.Tensor  # N: ||f(x*) - f(x0)|| / ||f(x0)|| (NaN where ||f(x0)|| = 0 or diverged)
     zero_norm: torch.Tensor  # N bool: the layer output for x0 is all zeros
+    constant: torch.Tensor  # N bool: the layer output for x0 is constant up to rounding (zeros included)
     diverged: torch.Tensor  # N bool: the loss became NaN / inf
     diverged_step: int | None = None  # the step at which the loop stopped, None if it ran to the end
     steps: int = 0  # steps run
@@ -104,6 +106,9 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
                        layer=layer, sample_ids=sample_ids)
     norm2 = torch.stack([t.pow(2).sum(1) for t in targets])  # groups x N
     zero_norm = norm2 == 0
+    # a feature map constant up to rounding (numerics.constant_rows) says nothing about the image: any image
+    # matches it, so its inversion "converges" trivially; a single number per image is not a map
+    constant = torch.stack([constant_rows(t) & (t.shape[1] > 1) for t in targets]) | zero_norm
     denom = torch.where(zero_norm, torch.ones_like(norm2), norm2)
 
     def objective(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -130,18 +135,19 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
               for g, layer in enumerate(layers)]
     # the last Adam step moved the images after their loss was checked: features that are not finite
     # there diverged at the step after the last one
-    late = ~torch.isfinite(torch.cat(errors)).cpu() & ~diverged & ~zero_norm.flatten().cpu()
+    late = ~torch.isfinite(torch.cat(errors)).cpu() & ~diverged & ~constant.flatten().cpu()
     if bool(late.any()):
         diverged, diverged_step = diverged | late, done if diverged_step is None else diverged_step
     results = {}
     for g, layer in enumerate(layers):
         rows = slice(g * n, (g + 1) * n)
         err = errors[g]
-        bad = zero_norm[g] | diverged[rows].to(err.device)
+        bad = constant[g] | diverged[rows].to(err.device)
         err = torch.where(bad, torch.full_like(err, math.nan), err)
         results[layer] = InversionResult(
             reconstructions=recon[rows].clone(), curves={k: v[:, rows].clone() for k, v in curves.items()},
-            final_error=err.float().cpu(), zero_norm=zero_norm[g].cpu(), diverged=diverged[rows].clone(),
+            final_error=err.float().cpu(), zero_norm=zero_norm[g].cpu(), constant=constant[g].cpu(),
+            diverged=diverged[rows].clone(),
             diverged_step=diverged_step, steps=done, layer=layer, params=dict(params))
     return results
 
