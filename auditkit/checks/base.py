@@ -232,12 +232,27 @@ class Check:
         raise NotImplementedError
 
     def execute(self, subject: "Subject", audit_set: "AuditSet") -> CheckResult:
-        """run() with timing; an exception becomes an ERROR result carrying the traceback."""
+        """run() with timing; an exception becomes an ERROR result carrying the traceback.
+
+        Afterwards, even when run() raised, the Subject is put back in its audit
+        state (Subject.restore): a check that trained the model or left a hook
+        cannot change what the next check sees; what had to be put back is
+        listed in details["restored"].
+        """
         start = time.perf_counter()
+        restored: list[str] = []
         try:
             result = self.run(subject, audit_set)
         except Exception as exc:  # noqa: BLE001 - a crashed check is reported, not raised
             result = self.error_result(f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        finally:
+            restore = getattr(subject, "restore", None)
+            if callable(restore) and getattr(subject, "is_open", False):
+                restored = restore()
+        if restored:
+            result.details["restored"] = restored
+            result.message = (result.message + "; " if result.message else "") + (
+                "auditkit put the model back after this check: " + ", ".join(restored))
         result.duration_s = time.perf_counter() - start
         result.params = jsonable(self.params())
         result.title = result.title or self.title
