@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 # pytester's in-process runs drop modules first imported inside a run; import them here once.
+import auditkit
 import auditkit.checks.occlusion  # noqa: F401
 import auditkit.journal  # noqa: F401
 import auditkit.report  # noqa: F401
@@ -395,3 +396,53 @@ def test_custom_check_that_trains_the_model_leaves_it_as_it_was(hostile):
     by_check = {r["check"]: r for r in report_json(hostile)["results"]}
     assert by_check["model-intact"]["status"] == "passed"  # the next check saw the model as it was
     assert "buffers" in " ".join(by_check["trains-the-model"]["details"]["restored"])
+
+
+# -- library probes: bad data and bad parameters are refused before any check runs ----------------
+
+
+def _bad_image(kind: str):
+    import torch
+
+    image = torch.rand(3, 8, 8)
+    return {
+        "x255": image * 255,
+        "uint8": (image * 255).to(torch.uint8),
+        "nan": image.masked_fill(image > 0.5, float("nan")),
+        "empty": torch.rand(3, 0, 0),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["x255", "uint8", "nan", "empty"])
+def test_samples_built_directly_validate_their_pixels(kind):
+    from auditkit import Sample
+    from auditkit.data import AuditDataError
+
+    with pytest.raises(AuditDataError, match="sample 'probe'"):
+        Sample(_bad_image(kind), 0, (), "probe")
+
+
+@pytest.mark.parametrize("magnitudes", [[-4, 0], [2, 2], [0.5]])
+def test_translation_magnitudes_that_measure_nothing_are_refused(magnitudes):
+    from auditkit.checks import CheckConfigError, build_checks
+
+    with pytest.raises(CheckConfigError, match="magnitudes"):
+        build_checks([{"kind": "invariance-grows-with-depth", "magnitudes": magnitudes}])
+
+
+def test_constant_features_fail_class_separation_instead_of_crashing():
+    import torch
+
+    from auditkit import Status, Subject
+    from auditkit.checks.embedding import ClassSeparation
+    from tests.toys import SmallNet, halves_set
+
+    net = SmallNet()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    spec = auditkit.ModelSpec(module=net, class_names=["left", "right", "empty"], input_size=(16, 16), name="zeroed")
+    data = halves_set(n=12)
+    with Subject(spec, device="cpu") as subject:
+        result = ClassSeparation().execute(subject, data)
+    assert result.status is Status.FAILED and "same for every image" in result.message
