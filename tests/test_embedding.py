@@ -18,6 +18,7 @@ from auditkit.demo import demo_model, shapes_dataset
 from auditkit.methods import embedding as em
 from auditkit.methods.randomisation import random_copy
 from auditkit.subject import AuditModelError, Subject, _hook_keys
+from tests.toys import NaNFeatures
 
 sklearn = pytest.importorskip("sklearn")
 
@@ -409,27 +410,6 @@ class ConstantFeatures(nn.Module):
         if self.lengths:
             pooled = pooled * (1 + x.mean(dim=(1, 2, 3)))[:, None]
         return self.head(pooled)
-
-
-class _NaNWhereHigh(nn.Module):
-    def forward(self, x):
-        bad = (x[:, :1, :1, :1] > 0.2).expand_as(x)
-        return torch.where(bad, torch.full_like(x, float("nan")), x)
-
-
-class NaNFeatures(nn.Module):
-    """Layer `odd` outputs NaN for the images whose first conv channel is > 0.2 at the top-left pixel;
-    the forward then replaces the NaN by 0, so the logits (which the Subject checks) stay finite."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.odd = _NaNWhereHigh()
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(torch.nan_to_num(self.odd(self.conv(x)), nan=0.0).mean(dim=(2, 3)))
 
 
 @pytest.fixture

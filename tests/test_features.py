@@ -15,6 +15,7 @@ from auditkit.checks.representation import (
 from auditkit.demo import demo_model, shapes_dataset
 from auditkit.methods import features as fe
 from auditkit.subject import Subject, _hook_keys
+from tests.toys import NaNFeatures
 
 
 class Boom(nn.Module):
@@ -525,27 +526,8 @@ def test_negative_magnitudes_mean_the_other_direction(demo):
         assert all(np.isfinite(rho) for rho in result.details["rho_per_magnitude"]), result.summary()
 
 
-class _NaNWhereHigh(nn.Module):
-    def forward(self, x):
-        return torch.where((x[:, :1, :1, :1] > 0.2).expand_as(x), torch.full_like(x, float("nan")), x)
-
-
-class _NaNLayer(nn.Module):
-    """Layer `odd` is NaN for some images; the forward replaces NaN by 0, so the logits stay finite."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.odd = _NaNWhereHigh()
-        self.head = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.head(torch.nan_to_num(self.odd(self.conv(x)), nan=0.0).mean(dim=(2, 3)))
-
-
 def test_non_finite_layer_output_is_an_error_naming_the_layer():
-    spec = ModelSpec(module=_NaNLayer(), class_names=["a", "b"], input_size=(16, 16), layers=["conv", "odd"],
+    spec = ModelSpec(module=NaNFeatures(), class_names=["a", "b"], input_size=(16, 16), layers=["conv", "odd"],
                      name="nan")
     with Subject(spec, device="cpu") as subject:
         result = InvarianceGrowsWithDepth().execute(subject, _noise_set())

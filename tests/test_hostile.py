@@ -22,7 +22,7 @@ import auditkit.journal  # noqa: F401
 import auditkit.report  # noqa: F401
 import auditkit.runner  # noqa: F401
 import tests.toys  # noqa: F401
-from tests.plugin_project import CONFTEST, report_json
+from tests.plugin_project import CONFTEST, PYPROJECT, report_json
 
 # A gate the toy model "good" fails: grey over its object leaves the drop below 0.5.
 FAILING_GATE = textwrap.dedent("""
@@ -69,20 +69,8 @@ HOSTILE_CHECKS = textwrap.dedent("""
 
 
 def gate(*checks: str) -> str:
-    """A [tool.auditkit] table with the halves set and these check kinds (after the two occlusion checks)."""
-    extra = "".join(f'[[tool.auditkit.checks]]\nkind = "{kind}"\n' for kind in checks)
-    return textwrap.dedent("""
-        [tool.auditkit]
-        dataset = "halves"
-        device = "cpu"
-        [[tool.auditkit.checks]]
-        kind = "occlusion-drop"
-        baseline = "zero"
-        [[tool.auditkit.checks]]
-        kind = "occlusion-drop"
-        name = "occlusion-grey"
-        baseline = "grey"
-    """) + extra
+    """The plugin tests' two-check gate on the halves set, then these check kinds."""
+    return PYPROJECT + "".join(f'[[tool.auditkit.checks]]\nkind = "{kind}"\n' for kind in checks)
 
 
 @pytest.fixture

@@ -53,3 +53,24 @@ class SmallNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.drop(self.features(x).mean(dim=(2, 3))))
+
+
+class NaNWhereHigh(nn.Module):
+    def forward(self, x):
+        bad = (x[:, :1, :1, :1] > 0.2).expand_as(x)
+        return torch.where(bad, torch.full_like(x, float("nan")), x)
+
+
+class NaNFeatures(nn.Module):
+    """Layer `odd` outputs NaN for the images whose first conv channel is > 0.2 at the top-left pixel;
+    the forward then replaces the NaN by 0, so the logits (which the Subject checks) stay finite."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.odd = NaNWhereHigh()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.nan_to_num(self.odd(self.conv(x)), nan=0.0).mean(dim=(2, 3)))
