@@ -10,6 +10,7 @@ process dies before publishing, the watchdog (auditkit.watchdog) writes an
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -109,14 +110,10 @@ def make_staging(target: Path) -> Path:
 
 def remove_abandoned(target: Path) -> None:
     """Delete staging folders of `target` left by processes that no longer exist."""
-    for path in target.parent.glob(f".{glob_escape(target.name)}.*-*-*"):
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*-*-*"):
         match = _STAGING_RE.match(path.name)
         if match and match["name"] == target.name and path.is_dir() and not _alive(int(match["pid"])):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def glob_escape(text: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", text)
 
 
 def _alive(pid: int) -> bool:
