@@ -46,6 +46,11 @@ def make_project(pytester, monkeypatch):
     repo = str(pathlib.Path(__file__).parent.parent)
     pytester.syspathinsert(repo)
     monkeypatch.setenv("PYTHONPATH", repo)  # for runpytest_subprocess
+    from auditkit import registry
+
+    for namespace in (registry.MODELS, registry.DATASETS, registry.CHECKS):
+        # in-process runs register into the process-wide registries: give each test its own copy
+        monkeypatch.setattr(namespace, "factories", dict(namespace.factories))
     return pytester
 
 
