@@ -26,6 +26,7 @@ class Status(str, enum.Enum):
     PASSED = "passed"
     FAILED = "failed"
     ERROR = "error"
+    INCONCLUSIVE = "inconclusive"  # the audit set cannot support a decision; passes with a warning unless strict
     INFO = "info"  # evidence only: measured and shown, judged against no threshold; never fails a run
 
 
@@ -107,6 +108,7 @@ class CheckResult:
     details: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
     error: str | None = None
+    decision: dict[str, Any] | None = None  # checks.decision.Decision.to_dict() of a judged check
     model: str = ""
     dataset: str = ""
     title: str = ""
@@ -268,6 +270,18 @@ class Check:
             metric=metric, value=float(value), threshold=float(threshold), direction=direction, **kwargs,
         )
 
+    def decided(self, decision: Any, *, metric: str, message: str = "", **kwargs: Any) -> CheckResult:
+        """A CheckResult whose status is the Decision's (checks.decision): value = the effect, threshold =
+        its minimum, and the decision (n, CI, p-value, control, per class) recorded for the report."""
+        text = decision.summary()
+        if decision.reason:
+            text = f"{decision.reason}; {text}"
+        return CheckResult(
+            check=self.name, kind=self.kind, status=decision.status, metric=metric, value=float(decision.effect),
+            threshold=float(decision.min_effect), direction=">=", decision=jsonable(decision.to_dict()),
+            message="; ".join(part for part in (message, text) if part), **kwargs,
+        )
+
     def info_result(self, *, message: str = "", metric: str = "", value: float | None = None, **kwargs: Any) -> CheckResult:
         """An evidence-only result (Status.INFO): what was measured and shown, with no threshold to judge."""
         return CheckResult(check=self.name, kind=self.kind, status=Status.INFO, metric=metric,
@@ -283,6 +297,13 @@ def require_unit(check: Check, *names: str) -> None:
         value = getattr(check, field_name)
         if not 0.0 <= value <= 1.0:
             raise CheckConfigError(f"check {check.name!r}: {field_name} must be in [0, 1], got {value}")
+
+
+def require_alpha(check: Check) -> None:
+    """CheckConfigError unless check.alpha is a significance level in (0, 0.5)."""
+    if not 0.0 < check.alpha < 0.5:
+        raise CheckConfigError(f"check {check.name!r}: alpha must be a significance level in (0, 0.5), got "
+                               f"{check.alpha}")
 
 
 def require_at_least(check: Check, **minimums: float) -> None:
