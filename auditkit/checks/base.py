@@ -13,7 +13,7 @@ import traceback
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from auditkit.reportdir import EVIDENCE_DIR, atomic_write, evidence_stem
 
@@ -321,6 +321,12 @@ def spread_indices(total: int, samples: int) -> list[int]:
         return list(range(total))
     step = (total - 1) / max(1, samples - 1)
     return sorted({int(round(i * step)) for i in range(samples)})
+
+
+def listed(ids: Sequence[str], limit: int = 5) -> str:
+    """Up to `limit` sample ids, comma-separated, then how many more."""
+    shown = ", ".join(map(str, ids[:limit]))
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
 def subject_name(subject: Any) -> str:

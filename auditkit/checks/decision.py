@@ -64,6 +64,7 @@ class Decision:
     needed: int = 0  # samples the test needs to be able to reach alpha
     by_class: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # {"value": what v is, "control": what c is}
+    better: str = "higher"  # which way the values beat the control
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -82,9 +83,10 @@ class Decision:
 
 def decide(values: Sequence[float] | np.ndarray, controls: Sequence[float] | np.ndarray, *, effect: Effect,
            min_effect: float, alpha: float = ALPHA, seed: int = 0, groups: Sequence[Any] | None = None,
-           value_label: str = "model", control_label: str = "control",
+           value_label: str = "model", control_label: str = "control", better: Literal["higher", "lower"] = "higher",
            inconclusive: str = "") -> Decision:
-    """Decide whether `values` exceed their paired `controls` (module docstring); larger is better.
+    """Decide whether `values` beat their paired `controls` (module docstring), where `better` says
+    which way: "lower" tests control - value (ratio: control / value) instead, and reports both as given.
 
     `groups` (one name per sample, e.g. the class) adds a per-group breakdown. A non-empty
     `inconclusive` gives INCONCLUSIVE with that reason whatever the numbers.
@@ -101,13 +103,15 @@ def decide(values: Sequence[float] | np.ndarray, controls: Sequence[float] | np.
     v, c = v[keep], c[keep]
     kept_groups = [g for g, k in zip(groups, keep) if k] if groups is not None else None
     n = int(v.size)
-    d = _differences(v, c, effect)
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', got {better!r}")
+    d = _differences(v, c, effect) if better == "higher" else _differences(c, v, effect)
     needed = needed_samples(alpha)
     value, control = _summary(v, effect), _summary(c, effect)
     eff, ci = _effect(d, effect, alpha, seed)
     p = _p_value(d, effect)
     labels = {"value": value_label, "control": control_label}
-    rule = _rule(effect, alpha, min_effect, value_label, control_label)
+    rule = _rule(effect, alpha, min_effect, value_label, control_label, better)
 
     if inconclusive:
         status, reason = Status.INCONCLUSIVE, inconclusive
@@ -115,16 +119,15 @@ def decide(values: Sequence[float] | np.ndarray, controls: Sequence[float] | np.
         status = Status.INCONCLUSIVE
         reason = (f"only {n} sample(s) could be judged; a one-sided test at alpha = {alpha:g} needs at least "
                   f"{needed} (the smallest p-value of n samples is 0.5^n)")
-    elif not p <= alpha:
-        status, reason = Status.FAILED, (f"not significant: p = {p:.2g} > alpha = {alpha:g} over {n} samples")
-    elif not eff >= min_effect:
-        status, reason = Status.FAILED, (f"effect {eff:.3g} < the minimum {min_effect:.3g} (significant, "
-                                         f"p = {p:.2g}, but too small to matter)")
+    elif not (p <= alpha and eff >= min_effect):
+        status = Status.FAILED
+        reason = "; ".join(([] if eff >= min_effect else [f"effect {eff:.3g} below the minimum {min_effect:.3g}"])
+                           + ([] if p <= alpha else [f"not significant, p = {p:.2g} > alpha {alpha:g}"]))
     else:
         status, reason = Status.PASSED, ""
     return Decision(status=status, rule=rule, effect_kind=effect, n=n, effect=eff, ci=ci, p_value=p, alpha=alpha,
                     min_effect=min_effect, value=value, control=control, reason=reason, needed=needed,
-                    by_class=_by_group(v, c, d, effect, kept_groups), labels=labels)
+                    by_class=_by_group(v, c, d, effect, kept_groups), labels=labels, better=better)
 
 
 def combine(decisions: Sequence[Decision], rule: str) -> Decision:
@@ -140,7 +143,8 @@ def combine(decisions: Sequence[Decision], rule: str) -> Decision:
     return Decision(status=status, rule=rule, effect_kind=worst.effect_kind, n=min(d.n for d in decisions),
                     effect=worst.effect, ci=worst.ci, p_value=max(d.p_value for d in decisions), alpha=worst.alpha,
                     min_effect=worst.min_effect, value=worst.value, control=worst.control, reason=reason,
-                    needed=max(d.needed for d in decisions), by_class=worst.by_class, labels=worst.labels)
+                    needed=max(d.needed for d in decisions), by_class=worst.by_class, labels=worst.labels,
+                    better=worst.better)
 
 
 def _differences(v: np.ndarray, c: np.ndarray, effect: str) -> np.ndarray:
@@ -211,12 +215,14 @@ def _by_group(v, c, d, effect: str, groups) -> list[dict[str, Any]]:
     return out
 
 
-def _rule(effect: str, alpha: float, min_effect: float, value: str, control: str) -> str:
+def _rule(effect: str, alpha: float, min_effect: float, value: str, control: str, better: str = "higher") -> str:
+    """The decision rule in words, for the report."""
+    a, b = (value, control) if better == "higher" else (control, value)
     if effect == "ratio":
-        return (f"passes when {value} / {control} per sample has geometric mean >= {min_effect:g} and a one-sided "
-                f"Wilcoxon signed-rank test of log({value} / {control}) > 0 gives p <= {alpha:g}")
+        return (f"passes when {a} / {b} per sample has geometric mean >= {min_effect:g} and a one-sided "
+                f"Wilcoxon signed-rank test of log({a} / {b}) > 0 gives p <= {alpha:g}")
     if effect == "win_rate":
-        return (f"passes when {value} beats {control} on >= {min_effect:.0%} of the untied samples and a one-sided "
-                f"binomial (sign) test gives p <= {alpha:g}")
-    return (f"passes when mean({value} - {control}) >= {min_effect:g} and a one-sided Wilcoxon signed-rank test "
-            f"of {value} - {control} > 0 gives p <= {alpha:g}")
+        return (f"passes when {value} is {better} than {control} on >= {min_effect:.0%} of the untied samples and a "
+                f"one-sided binomial (sign) test gives p <= {alpha:g}")
+    return (f"passes when mean({a} - {b}) >= {min_effect:g} and a one-sided Wilcoxon signed-rank test "
+            f"of {a} - {b} > 0 gives p <= {alpha:g}")

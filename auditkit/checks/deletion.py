@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, spread_indices
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_alpha, require_at_least, spread_indices
+from auditkit.checks.decision import ALPHA, combine, decide
 from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import deletion as dl
 from auditkit.methods import saliency as sal
@@ -19,8 +20,11 @@ class DeletionInsertion(Check):
     """Deletion / insertion AUCs (Petsiuk et al. 2018) of the saliency map's pixel order against a
     random order. Per sample: deletion AUC (grey replaces the top pixels; lower is better) and
     insertion AUC (the top pixels are revealed on a blurred image; higher is better), for the map
-    and for `random_orders` random orders (averaged). Passes when both mean margins,
-    deletion_random - deletion_map and insertion_map - insertion_random, are >= min_margin.
+    and for `random_orders` random orders (averaged). Decision (checks.decision, effect "win_rate",
+    per curve): the map wins a sample when its deletion AUC is below random's (insertion: above);
+    each curve passes when the map wins >= min_win_rate of the untied samples and a one-sided
+    binomial (sign) test gives p <= alpha. The check passes when both curves pass
+    (intersection-union: its p-value is the larger of the two).
     """
 
     kind = "deletion-insertion"
@@ -29,14 +33,16 @@ class DeletionInsertion(Check):
         "Pixels ranked by the saliency map; at step k of `steps` the top round(k/steps*H*W) pixels are "
         "replaced by 0.5 grey (deletion) or revealed on a blurred copy of the image (insertion), and the "
         "true-class softmax probability is recorded; AUC by the trapezoid rule on [0, 1]. "
-        "deletion margin = mean(AUC_del random - AUC_del map), insertion margin = mean(AUC_ins map - "
-        "AUC_ins random); the check passes when min(both margins) >= min_margin."
+        "Per sample the map wins deletion when AUC_del map < AUC_del random, insertion when AUC_ins map > "
+        "AUC_ins random. Each curve passes when the map wins >= min_win_rate of the untied samples and a "
+        "one-sided binomial (sign) test gives p <= alpha; the check passes when both do."
     )
 
     method: Method = "grad_cam"
     layer: str = ""
     steps: int = 32
-    min_margin: float = 0.05
+    min_win_rate: float = 0.6
+    alpha: float = ALPHA
     samples: int = 0
     random_orders: int = 1
     seed: int = 0
@@ -45,8 +51,10 @@ class DeletionInsertion(Check):
         require_at_least(self, steps=1, random_orders=1)
         if self.samples < 0:
             raise CheckConfigError(f"check {self.name!r}: samples must be >= 0 (0 = all), got {self.samples}")
-        if not math.isfinite(self.min_margin) or not -1.0 <= self.min_margin <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: min_margin must be in [-1, 1], got {self.min_margin}")
+        if not 0.5 <= self.min_win_rate <= 1.0:
+            raise CheckConfigError(f"check {self.name!r}: min_win_rate must be in [0.5, 1] (0.5 is a coin flip), "
+                                   f"got {self.min_win_rate}")
+        require_alpha(self)
         validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
@@ -70,10 +78,21 @@ class DeletionInsertion(Check):
         del_rand, ins_rand = dl.auc(rand_del), dl.auc(rand_ins)  # AUC is linear: mean of AUCs over orders
         del_margin = float((del_rand - del_map).mean())
         ins_margin = float((ins_map - ins_rand).mean())
-        worst = min(del_margin, ins_margin)
+        names = subject.spec.class_names
+        groups = [names[int(label)] for label in labels]
+        options = dict(effect="win_rate", min_effect=self.min_win_rate, alpha=self.alpha, seed=self.seed,
+                       groups=groups)
+        deletion = decide(del_map.tolist(), del_rand.tolist(), value_label="deletion AUC (map order)",
+                          control_label="random order", better="lower", **options)
+        insertion = decide(ins_map.tolist(), ins_rand.tolist(), value_label="insertion AUC (map order)",
+                           control_label="random order", **options)
+        decision = combine([deletion, insertion], rule=(
+            f"passes when the map's order beats a random order on >= {self.min_win_rate:.0%} of the untied samples "
+            f"for deletion (lower AUC) and for insertion (higher AUC), each by a one-sided binomial (sign) test at "
+            f"p <= {self.alpha:g}"))
 
         rows = [{
-            "sample": ids[j],
+            "sample": ids[j], "label": groups[j],
             "deletion_auc": float(del_map[j]), "deletion_auc_random": float(del_rand[j]),
             "insertion_auc": float(ins_map[j]), "insertion_auc_random": float(ins_rand[j]),
         } for j, i in enumerate(chosen)]
@@ -81,17 +100,17 @@ class DeletionInsertion(Check):
             "deletion_auc": float(del_map.mean()), "deletion_auc_random": float(del_rand.mean()),
             "insertion_auc": float(ins_map.mean()), "insertion_auc_random": float(ins_rand.mean()),
         }
-        result = self.result(
-            metric="worst margin", value=worst, threshold=self.min_margin, direction=">=",
-            rows=rows, columns=list(rows[0]),
-            message=(f"{self.method}, {n} samples, {self.steps} steps: deletion AUC {means['deletion_auc']:.3f} "
-                     f"vs random {means['deletion_auc_random']:.3f} (margin {del_margin:+.3f}); insertion AUC "
-                     f"{means['insertion_auc']:.3f} vs random {means['insertion_auc_random']:.3f} "
-                     f"(margin {ins_margin:+.3f})"),
+        result = self.decided(
+            decision, metric="win rate over a random order (weaker curve)", rows=rows, columns=list(rows[0]),
+            message=(f"{self.method}, {n} samples, {self.steps} steps: the map wins deletion on "
+                     f"{deletion.effect:.0%} (p = {deletion.p_value:.2g}; AUC {means['deletion_auc']:.3f} vs random "
+                     f"{means['deletion_auc_random']:.3f}), insertion on {insertion.effect:.0%} (p = "
+                     f"{insertion.p_value:.2g}; AUC {means['insertion_auc']:.3f} vs random "
+                     f"{means['insertion_auc_random']:.3f})"),
             details={"method": self.method, "samples": n, "steps": self.steps, "random_orders": r,
                      "deletion_margin": del_margin, "insertion_margin": ins_margin, **means,
-                     "deletion_wins": float((del_map < del_rand).float().mean()),
-                     "insertion_wins": float((ins_map > ins_rand).float().mean())},
+                     "deletion_wins": deletion.effect, "insertion_wins": insertion.effect,
+                     "deletion": deletion.to_dict(), "insertion": insertion.to_dict()},
         )
         result.evidence = self._evidence(ours, rand_del, rand_ins, means)
         return result

@@ -7,60 +7,62 @@ from typing import Literal
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, require_at_least, require_unit
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, listed, require_alpha, require_at_least
+from auditkit.checks.decision import ALPHA, decide
 from auditkit.methods import occlusion as occ
 
 
 #: The colour scale of every occlusion map: the drop p - p_occluded lies in [-1, 1].
 MAP_SCALE = (-1.0, 1.0)
+METRIC = "mean drop_object - drop_control"
 
 
 @dataclass
 class OcclusionDrop(Check):
-    """Occluding the object must cut the true-class probability; occluding elsewhere must not.
+    """Occluding the object must cut the true-class probability more than occluding elsewhere does.
 
     Per sample, with p = p(true class | image):
         drop_object  = (p - p(object boxes replaced by the baseline)) / p
         drop_control = mean over up to `control_boxes` same-size boxes, each
                        covering at most `control_overlap` of its area with
                        the object's boxes, of (p - p(control occluded)) / p
-    A sample passes when drop_object >= min_drop and drop_object > drop_control.
-    The check passes when the share of passing samples is >= min_pass_rate.
+    Decision (checks.decision, effect "difference"): passes when
+    mean(drop_object - drop_control) >= min_margin and a one-sided Wilcoxon
+    signed-rank test of drop_object - drop_control > 0 gives p <= alpha.
 
     A sample is judged when it has an object box covering at least one pixel
     (a box under a pixel after resizing is skipped, and named) and a control
-    placement. With fewer than `min_samples` judged samples the check FAILS,
-    whatever their pass rate. The default, 5, is the fewest samples for which
-    even all passing can be told from a coin flip (0.5^5 = 3% < 5%).
+    placement. With fewer judged samples than the test needs to reach alpha
+    (7 at alpha = 0.01) the check is INCONCLUSIVE and says how many it needs.
     """
 
     kind = "occlusion-drop"
     title = "Occluding the object drops the class score"
     description = (
-        "Per sample: drop = (p - p_occluded) / p for the true class. Passes when the object's drop "
-        "is >= min_drop and larger than the mean drop from same-size boxes placed away from the object "
-        "(each covering at most control_overlap of it), "
-        "for at least min_pass_rate of the samples. Fails when fewer than min_samples samples can be judged "
-        "(judged: an object box covering a pixel and room for a control box)."
+        "Per sample: drop = (p - p_occluded) / p for the true class, for the object's boxes and for same-size "
+        "control boxes placed away from the object (each covering at most control_overlap of it). Passes when "
+        "mean(drop_object - drop_control) >= min_margin and a one-sided Wilcoxon signed-rank test of "
+        "drop_object - drop_control > 0 gives p <= alpha. INCONCLUSIVE when fewer samples can be judged than "
+        "the test needs (judged: an object box covering a pixel and room for a control box)."
     )
 
-    min_drop: float = 0.5
-    min_pass_rate: float = 0.8
+    min_margin: float = 0.1
+    alpha: float = ALPHA
     baseline: Literal["grey", "mean", "blur", "zero"] = "grey"
     control_boxes: int = 4
     control_overlap: float = 0.25
     patch: int = 0
     stride: int = 0
     evidence_samples: int = 8
-    min_samples: int = 5
+    seed: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < self.min_drop <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: min_drop must be in (0, 1], got {self.min_drop}")
-        require_unit(self, "min_pass_rate")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise CheckConfigError(f"check {self.name!r}: min_margin must be in [0, 1], got {self.min_margin}")
+        require_alpha(self)
         if not 0.0 <= self.control_overlap < 1.0:
             raise CheckConfigError(f"check {self.name!r}: control_overlap must be in [0, 1), got {self.control_overlap}")
-        require_at_least(self, control_boxes=1, min_samples=1)
+        require_at_least(self, control_boxes=1)
         if self.patch < 0 or self.stride < 0 or self.evidence_samples < 0:
             raise CheckConfigError(f"check {self.name!r}: patch, stride and evidence_samples must be >= 0")
 
@@ -68,6 +70,11 @@ class OcclusionDrop(Check):
         """Sensitivity-map window: patch defaults to a fifth of the shorter side, stride to a third of the patch."""
         patch = self.patch or max(2, min(height, width) // 5)
         return patch, self.stride or max(1, patch // 3)
+
+    def _decide(self, drop_object, drop_control, groups, why: str = ""):
+        return decide(drop_object, drop_control, effect="difference", min_effect=self.min_margin, alpha=self.alpha,
+                      seed=self.seed, groups=groups, value_label="drop_object", control_label="drop_control",
+                      inconclusive=why)
 
     def run(self, subject, audit_set) -> CheckResult:
         usable, boxed = audit_set.with_boxes()
@@ -87,9 +94,11 @@ class OcclusionDrop(Check):
             notes.append(f"{without_box} sample(s) without a box skipped")
         if skipped:
             notes.append(f"{len(skipped)} sample(s) skipped as their object box covers no pixel at {w} x {h} "
-                         f"(under a pixel after resizing): {_listed([s['sample'] for s in skipped])}")
+                         f"(under a pixel after resizing): {listed([s['sample'] for s in skipped])}")
         if not usable:
-            return self._too_few(0, len(audit_set), notes, rows=[], details={"skipped": skipped})
+            decision = self._decide([], [], [])
+            return self.decided(decision, metric=METRIC, message="; ".join(notes),
+                                details={"skipped": skipped, "samples_judged": 0})
 
         images, labels = boxed.images(), boxed.labels()
         n = len(images)
@@ -120,18 +129,19 @@ class OcclusionDrop(Check):
 
         drop_object = (p - p_object) / p.clamp_min(1e-12)
         has_control = ~torch.isnan(drop_control)
-        passed = (drop_object >= self.min_drop) & has_control & (drop_object > drop_control)
+        margin = drop_object - drop_control
         judged = int(has_control.sum())
 
         predicted = probs.argmax(1)
         names = subject.spec.class_names
+        class_of = [names[int(label)] for label in labels]
         rows = []
         for j, i in enumerate(usable):
             rows.append({
-                "sample": audit_set[i].id or str(i), "label": names[int(labels[j])], "predicted": names[int(predicted[j])],
+                "sample": audit_set[i].id or str(i), "label": class_of[j], "predicted": names[int(predicted[j])],
                 "p": float(p[j]), "p_object_occluded": float(p_object[j]), "drop_object": float(drop_object[j]),
                 "drop_control": float(drop_control[j]) if has_control[j] else None,
-                "controls": len(placements[j]), "passed": bool(passed[j]) if has_control[j] else None,
+                "margin": float(margin[j]) if has_control[j] else None, "controls": len(placements[j]),
             })
         if n - judged:
             notes.append(f"{n - judged} sample(s) with no room for a control box not judged")
@@ -139,32 +149,14 @@ class OcclusionDrop(Check):
             "mean_drop_object": float(drop_object.mean()),
             "mean_drop_control": float(drop_control[has_control].mean()) if judged else float("nan"),
             "accuracy": float((predicted == labels).float().mean()),
-            "samples_skipped": len(audit_set) - n, "skipped": skipped,
+            "samples_skipped": len(audit_set) - n, "skipped": skipped, "samples_judged": judged,
         }
-        if judged < self.min_samples:
-            result = self._too_few(judged, len(audit_set), notes, rows=rows, details=details)
-        else:
-            message = (
-                f"{int(passed.sum())} of {judged} samples pass; mean drop when the object is occluded "
-                f"{details['mean_drop_object']:.2f}, when a control box is {details['mean_drop_control']:.2f}"
-            )
-            result = self.result(
-                metric="pass rate", value=float(passed[has_control].float().mean()), threshold=self.min_pass_rate,
-                rows=rows, columns=list(rows[0]), message="; ".join([message] + notes),
-                details={**details, "samples_judged": judged, "min_samples": self.min_samples},
-            )
-        result.evidence = self._evidence(subject, audit_set, usable, images, labels, object_masks, base, placements, passed)
-        return result
+        decision = self._decide(drop_object.tolist(), drop_control.tolist(), class_of)
+        result = self.decided(decision, metric=METRIC, rows=rows, columns=list(rows[0]), message="; ".join(notes),
+                              details=details)
+        result.evidence = self._evidence(subject, audit_set, usable, images, labels, object_masks, base, placements,
+                                         margin)
 
-    def _too_few(self, judged: int, total: int, notes: list[str], *, rows: list[dict], details: dict) -> CheckResult:
-        """FAILED: fewer than min_samples samples could be judged, whatever their pass rate."""
-        message = f"only {judged} of {total} samples could be judged (needs at least {self.min_samples})"
-        result = self.result(
-            metric="samples judged", value=judged, threshold=self.min_samples, rows=rows,
-            columns=list(rows[0]) if rows else [], message="; ".join([message] + notes),
-            details={**details, "samples_judged": judged, "min_samples": self.min_samples},
-        )
-        result.status = Status.FAILED  # judged < min_samples, so the judgement above already says so
         return result
 
     @staticmethod
@@ -178,12 +170,14 @@ class OcclusionDrop(Check):
                        "under a pixel after resizing, there is nothing to occlude"),
         }
 
-    def _evidence(self, subject, audit_set, usable, images, labels, object_masks, base, placements, passed):
-        """Image with box, occluded image, occlusion map overlay and control boxes for a few samples, failures first."""
+    def _evidence(self, subject, audit_set, usable, images, labels, object_masks, base, placements, margin):
+        """Image with box, occluded image, occlusion map overlay and control boxes for a few samples, the
+        smallest margin (drop_object - drop_control) first, then samples without a control."""
         if self.evidence_samples == 0:
             return []
-        def rank(j: int) -> int:  # judged failures, then unjudged samples, then passes
-            return 2 if passed[j] else (1 if not placements[j] else 0)
+        def rank(j: int) -> tuple[int, float]:
+            m = float(margin[j])
+            return (1, 0.0) if m != m else (0, m)
 
         order = sorted(range(len(usable)), key=lambda j: (rank(j), j))[: self.evidence_samples]
         idx = torch.tensor(order)
@@ -206,7 +200,8 @@ class OcclusionDrop(Check):
             heat = ev.mark_point(boxes_on(heat, sample.boxes), ((x + 0.5) * scale, (y + 0.5) * scale))
             rows.append([picture, ev.upscale(occluded[k], scale), heat])
             titles.append(["image, box, controls", "object occluded", "occlusion map"])
-            verdict = {0: "FAIL", 1: "not judged", 2: "pass"}[rank(j)]
+            m = float(margin[j])
+            verdict = "no control" if m != m else f"margin {m:+.2f}"
             labels_txt.append(f"{sample.id} ({names[int(labels[j])]}) {verdict}")
         # one scale for every map, so a near-zero map looks near zero: its legend beside the first row
         rows[0].append(ev.colorbar(*MAP_SCALE, height=images.shape[-2] * scale, label="drop in p"))
@@ -216,12 +211,8 @@ class OcclusionDrop(Check):
             f"Green: object box; orange: control boxes. Occlusion map: drop in p(true class) when a "
             f"{patch} x {patch} window (stride {stride}) is replaced by the {self.baseline} baseline, "
             f"on one fixed scale for every image, {MAP_SCALE[0]:+g} to {MAP_SCALE[1]:+g} (colour bar): red = covering "
-            "it lowers p, blue = raises it, grey = no change; the ring marks the largest drop. Failing samples first."
+            "it lowers p, blue = raises it, grey = no change; the ring marks the largest drop. Smallest margin "
+            "(object drop minus control drop) first."
         )
         return [ev.png_evidence("Occlusion evidence", grid, caption)]
 
-
-def _listed(ids: list[str], limit: int = 5) -> str:
-    """Up to `limit` sample ids, then how many more."""
-    shown = ", ".join(ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least
+from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_alpha, require_at_least
+from auditkit.checks.decision import ALPHA, decide
 from auditkit.checks.saliency import Method, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
@@ -31,14 +32,16 @@ class SaliencySanity(Check):
     title = "Saliency depends on the model's weights"
     description = (
         "rho_k = mean over samples of Spearman(|map of the trained model|, |map after re-initialising the "
-        "top k parameter layers|) (Adebayo et al. 2018, cascading randomisation). The check passes when "
-        "rho after randomising all layers is <= max_similarity. Samples whose map is constant up to rounding "
-        "(no ranking) are left out of the mean and counted; if every trained map is, the check cannot run."
+        "top k parameter layers|) (Adebayo et al. 2018, cascading randomisation). With rho_i the sample's "
+        "correlation after randomising all layers, passes when mean(max_similarity - rho_i) >= 0 and a one-sided "
+        "Wilcoxon signed-rank test of max_similarity - rho_i > 0 gives p <= alpha. Samples whose map is constant "
+        "up to rounding (no ranking) are left out and counted; if every trained map is, the check cannot run."
     )
 
     method: Method = "grad_cam"
     layer: str = ""
     max_similarity: float = 0.5
+    alpha: float = ALPHA
     samples: int = 16
     absolute: bool = True
     evidence_samples: int = 3
@@ -48,6 +51,7 @@ class SaliencySanity(Check):
         if not -1.0 <= self.max_similarity <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: max_similarity must be in [-1, 1], got {self.max_similarity}")
         require_at_least(self, samples=1, evidence_samples=0)
+        require_alpha(self)
         validate_method_layer(self)
 
     def _maps(self, subject, images, labels, layer, ids, state: str = "trained") -> torch.Tensor:
@@ -81,7 +85,7 @@ class SaliencySanity(Check):
             )
         dropped = int((~usable).sum())
 
-        rows, step_maps = [], []
+        rows, step_maps, rho = [], [], torch.empty(0)
         for name, copy in rnd.cascade(subject.module, seed=self.seed):
             with Subject(replace(subject.spec, module=copy), device=subject.device,
                          batch_size=subject.batch_size) as randomised:
@@ -111,11 +115,18 @@ class SaliencySanity(Check):
                    f"(all {len(rows)} parameter layers random), over {int(usable.sum())} samples")
         if notes:
             message += "; " + "; ".join(notes)
-        result = self.result(
-            metric="Spearman after randomising all layers", value=last["spearman"], threshold=self.max_similarity,
-            direction="<=", rows=rows, columns=list(rows[0]), message=message,
+        names = subject.spec.class_names
+        groups = [names[int(labels[j])] for j in range(n) if bool(usable[j])]
+        # a constant randomised map shares no ranking with the trained one: rho 0 for the decision
+        decision = decide([self.max_similarity] * len(rho), torch.nan_to_num(rho, nan=0.0).tolist(), effect="difference", min_effect=0.0,
+                          alpha=self.alpha, seed=self.seed, groups=groups, value_label="max_similarity",
+                          control_label="Spearman(trained, randomised)")
+        result = self.decided(
+            decision, metric="max_similarity - Spearman after randomising all layers", rows=rows,
+            columns=list(rows[0]), message=message,
             details={"method": self.method, "layer": layer, "absolute": self.absolute, "samples": n,
-                     "samples_used": int(usable.sum()), "curve": [r["spearman"] for r in rows]},
+                     "samples_used": int(usable.sum()), "curve": [r["spearman"] for r in rows],
+                     "spearman_per_sample": dict(zip([i for i, u in zip(ids, usable.tolist()) if u], rho.tolist()))},
         )
         result.evidence = self._evidence(audit_set, images, original, step_maps, rows)
         return result
