@@ -5,6 +5,7 @@
     device = "auto"                 # auto | cpu | cuda | cuda:N
     report_dir = "audit-report"
     batch_size = 64
+    strict = false                  # true: an INCONCLUSIVE check fails the run (as --audit-strict)
     [[tool.auditkit.checks]]
     kind = "occlusion-drop"         # any registered check kind
     name = "occlusion-blur"         # optional: the item id (defaults to kind)
@@ -28,7 +29,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = ("dataset", "device", "report_dir", "batch_size", "checks")
+KEYS = ("dataset", "device", "report_dir", "batch_size", "strict", "checks")
 DEFAULT_REPORT_DIR = "audit-report"
 
 
@@ -42,6 +43,7 @@ class AuditConfig:
     device: str | None = None
     report_dir: str | None = None
     batch_size: int | None = None
+    strict: bool = False
     checks: list[dict[str, Any]] = field(default_factory=list)
     source: str = "(defaults: no pyproject.toml with [tool.auditkit] found)"
     folder: Path | None = None  # the configuration file's folder: relative report_dir is taken from here
@@ -103,6 +105,9 @@ def parse_table(table: dict[str, Any], source: str) -> AuditConfig:
     batch = table.get("batch_size")
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise AuditConfigError(f"audit config {source}: batch_size must be a positive integer, got {batch!r}")
+    strict = table.get("strict", False)
+    if not isinstance(strict, bool):
+        raise AuditConfigError(f"audit config {source}: strict must be true or false, got {strict!r}")
     checks = table.get("checks", [])
     if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
         raise AuditConfigError(f"audit config {source}: checks must be an array of tables ([[tool.auditkit.checks]])")
@@ -111,5 +116,5 @@ def parse_table(table: dict[str, Any], source: str) -> AuditConfig:
             raise AuditConfigError(f"audit config {source}: checks[{i}] has no kind = \"...\"")
     return AuditConfig(
         dataset=table.get("dataset"), device=table.get("device"), report_dir=table.get("report_dir"),
-        batch_size=batch, checks=[dict(c) for c in checks], source=source,
+        batch_size=batch, strict=strict, checks=[dict(c) for c in checks], source=source,
     )

@@ -120,6 +120,7 @@ def finalise(staging: Path, target: Path, exit_status: int | None, *, died: str 
     meta = report_meta(models, meta_event.get("started", time.time()), meta_event.get("command", ""))
     if meta_event.get("config"):
         meta["config"] = meta_event["config"]
+    meta["strict"] = bool(meta_event.get("strict", False))
     meta["run"] = run
     html, _ = write_report(checks + tests, meta, staging)
     publish(staging, target)

@@ -20,6 +20,7 @@ from auditkit.registry import DATASETS, MODELS, UnknownNameError
 SESSION_KEY = pytest.StashKey["Any"]()
 RESULT_KEY = pytest.StashKey["tuple"]()  # (result dict, model info) of an audit item, once it ran
 EVIDENCE_KEY = pytest.StashKey["list"]()  # evidence dicts a plain test recorded
+STRICT_KEY = pytest.StashKey[bool]()  # whether an INCONCLUSIVE check fails
 STAGING_INPUT = "auditkit_staging"  # xdist workerinput key: the run's staging folder
 
 
@@ -37,6 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="folder for index.html, audit.json and evidence (default: audit-report)")
     group.addoption("--audit-batch-size", dest="audit_batch_size", type=int, metavar="N",
                     help="largest batch for the model's forward (default 64; halves on out-of-memory)")
+    group.addoption("--audit-strict", action="store_true", default=None, dest="audit_strict",
+                    help="an INCONCLUSIVE check (the audit set cannot decide) fails instead of passing with a "
+                         "warning (default: [tool.auditkit] strict, else false)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -77,6 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
     except (AuditConfigError, CheckConfigError, UnknownNameError, ReportFolderError) as exc:
         raise pytest.UsageError(str(exc)) from exc
     config.stash[SESSION_KEY] = session
+    config.stash[STRICT_KEY] = bool(config.getoption("audit_strict") or settings.strict)
     if not _is_worker(config):
         config.pluginmanager.register(AuditReporter(config, session, staging, target), "auditkit-reporter")
 
@@ -108,6 +113,10 @@ class AuditCheckFailed(AssertionError):
 
 class AuditCheckError(Exception):
     """A check could not run."""
+
+
+class AuditInconclusiveWarning(pytest.PytestWarning):
+    """A check could not decide on this audit set (INCONCLUSIVE); it passes unless --audit-strict."""
 
 
 class AuditCollector(pytest.Collector):
@@ -148,8 +157,19 @@ class AuditItem(pytest.Item):
             raise AuditCheckError(result)
 
     def runtest(self) -> None:
-        if self.result is not None and self.result.status.value == "failed":
+        if self.result is None:
+            return
+        status = self.result.status.value
+        if status == "failed":
             raise AuditCheckFailed(self.result)
+        if status == "inconclusive":
+            if self.config.stash.get(STRICT_KEY, False):
+                raise AuditCheckFailed(self.result)
+            import warnings
+
+            warnings.warn(AuditInconclusiveWarning(
+                f"audit[{self.model}]::{self.name} is INCONCLUSIVE (passes; --audit-strict fails it): "
+                f"{self.result.message}"))
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, (AuditCheckFailed, AuditCheckError)):
@@ -313,7 +333,7 @@ class AuditReporter:
         self.journal = Journal(staging)
         self.journal.write(
             "meta", models=session.models, started=session.started, command=_command(config),
-            config=session.config.source,
+            config=session.config.source, strict=config.stash.get(STRICT_KEY, False),
             planned=[{"nodeid": n, "model": m, "check": c.name, "kind": c.kind} for n, (m, c) in self.planned.items()],
         )
         self.watchdog = watchdog.start(staging, target)
@@ -395,6 +415,12 @@ class AuditReporter:
                 terminalreporter.write_line(f"{r.model}: {r.summary()}")
         counts = ", ".join(f"{n} {status}" for status, n in meta["counts"].items() if n and status != "total")
         terminalreporter.write_line(f"audit: {counts}")
+        undecided = meta["counts"].get("inconclusive", 0)
+        if undecided:
+            terminalreporter.write_line(
+                f"audit: {undecided} check(s) INCONCLUSIVE: the audit set cannot decide them; "
+                + ("they fail (strict)" if meta.get("strict") else "they pass with a warning (--audit-strict fails them)"),
+                yellow=True)
         run = meta.get("run") or {}
         if not run.get("complete", True):
             terminalreporter.write_line(

@@ -28,8 +28,8 @@ HTML_NAME = "index.html"
 JSON_NAME = "audit.json"
 MAX_ROWS = 1000  # per-sample rows shown in the HTML per result (all of them are in audit.json)
 
-# Failures first, then errors, then passes, then evidence-only results; stable within a status.
-_ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.PASSED: 2, Status.INFO: 3}
+# Failures first, then errors, then undecided, then passes, then evidence-only results; stable within a status.
+_ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.INCONCLUSIVE: 2, Status.PASSED: 3, Status.INFO: 4}
 
 # Meta keys shown in the header (in this order); other keys go to the environment list.
 _HEADER_KEYS = ("models", "dataset", "device", "torch_version", "started", "duration_s")
@@ -46,12 +46,12 @@ _ENV_LABELS = {
 
 
 def sort_results(results: Iterable[CheckResult]) -> list[CheckResult]:
-    """Results ordered FAILED, then ERROR, then PASSED, then INFO, keeping the given order within each status."""
-    return sorted(results, key=lambda r: _ORDER.get(Status(r.status), 3))
+    """Results ordered FAILED, ERROR, INCONCLUSIVE, PASSED, INFO, keeping the given order within each status."""
+    return sorted(results, key=lambda r: _ORDER.get(Status(r.status), len(_ORDER)))
 
 
 def count_statuses(results: Sequence[CheckResult]) -> dict[str, int]:
-    """{"passed", "failed", "error", "info", "total"} counts of the results."""
+    """{"passed", "failed", "error", "inconclusive", "info", "total"} counts of the results."""
     counts = {s.value: 0 for s in Status}
     for r in results:
         counts[Status(r.status).value] += 1
@@ -173,6 +173,47 @@ def verdict(result: CheckResult) -> str:
     return f"{metric} {v} {op} {t} {word}"
 
 
+def decision_view(result: CheckResult) -> dict[str, Any] | None:
+    """The decision of a judged check (checks.decision) as display strings: its verdict sentence, the facts
+    (n judged, effect with its interval, p-value against alpha, model and control), the rule, the reason
+    and the per-class breakdown; None for a result without a decision."""
+    d = result.decision
+    if not d:
+        return None
+    labels = d.get("labels") or {}
+    kind = d.get("effect_kind", "difference")
+    unit = "×" if kind == "ratio" else ""
+    effect, minimum = fmt_pair(_num(d.get("effect")), _num(d.get("min_effect")))
+    p, alpha = fmt_num(_num(d.get("p_value")), 2), fmt_num(_num(d.get("alpha")))
+    ci = d.get("ci") or [None, None]
+    status = Status(result.status)
+    if status is Status.INCONCLUSIVE:
+        sentence = "cannot decide: " + (d.get("reason") or "")
+    else:
+        ok_effect = _num(d.get("effect")) >= _num(d.get("min_effect"))
+        ok_p = _num(d.get("p_value")) <= _num(d.get("alpha"))
+        sentence = (f"effect {effect}{unit} {'≥' if ok_effect else '<'} {minimum}{unit} required, "
+                    f"p = {p} {'≤' if ok_p else '>'} α = {alpha}")
+    facts = [
+        ("judged samples", f"{d.get('n')} (the test needs ≥ {d.get('needed')})"),
+        ("effect", f"{effect}{unit}, interval {fmt_num(_num(ci[0]), 3)} to {fmt_num(_num(ci[1]), 3)}{unit} "
+                   f"({fmt_num(100 * (1 - 2 * _num(d.get('alpha'))), 3)}%)"),
+        ("p-value", f"{p} (α = {alpha}, one-sided)"),
+        (labels.get("value", "model"), fmt_num(_num(d.get("value")))),
+        (labels.get("control", "control"), fmt_num(_num(d.get("control")))),
+    ]
+    return {"sentence": sentence, "facts": facts, "rule": d.get("rule", ""), "by_class": d.get("by_class") or [],
+            "value_label": labels.get("value", "model"), "control_label": labels.get("control", "control"),
+            "unit": unit}
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def gauge(result: CheckResult) -> dict[str, Any] | None:
     """Positions (in %) for a 0..1 gauge of value against threshold, or None when either lies outside [0, 1]."""
     v, t = result.value, result.threshold
@@ -236,8 +277,9 @@ def _result_view(index: int, r: CheckResult) -> dict[str, Any]:
         "status": Status(r.status).value,
         "title": r.title or r.check,
         "cid": f"{r.model} :: {r.check}" if r.model else r.check,
-        "verdict": verdict(r),
-        "gauge": gauge(r),
+        "verdict": "" if r.decision else verdict(r),
+        "decision": decision_view(r),
+        "gauge": None if r.decision else gauge(r),
         "threshold": fmt_threshold(r),
         "columns": columns,
         "numeric": numeric_columns(columns, rows),
@@ -263,12 +305,13 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def overall_status(counts: dict[str, int], run: dict[str, Any] | None = None) -> str:
+def overall_status(counts: dict[str, int], run: dict[str, Any] | None = None, strict: bool = False) -> str:
     """The run's verdict: "incomplete" when not every planned check ran (run["complete"] false),
-    else "failed" if any check failed, "error" if any could not run, "passed", or "empty"."""
+    else "failed" if any check failed (or, when strict, could not decide), "error" if any could not
+    run, "passed", or "empty". Without strict an INCONCLUSIVE check passes (with a warning)."""
     if run is not None and not run.get("complete", True):
         return "incomplete"
-    if counts["failed"]:
+    if counts["failed"] or (strict and counts.get("inconclusive", 0)):
         return "failed"
     if counts["error"]:
         return "error"
@@ -278,7 +321,7 @@ def overall_status(counts: dict[str, int], run: dict[str, Any] | None = None) ->
 def _meta_with_counts(meta: dict[str, Any], results: Sequence[CheckResult]) -> dict[str, Any]:
     out = dict(jsonable(dict(meta or {})))
     out["counts"] = count_statuses(results)
-    out["overall"] = overall_status(out["counts"], out.get("run"))
+    out["overall"] = overall_status(out["counts"], out.get("run"), bool(out.get("strict")))
     return out
 
 

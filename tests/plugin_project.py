@@ -21,7 +21,7 @@ CONFTEST = textwrap.dedent("""
 
     @auditkit.register_dataset("halves")
     def halves():
-        return halves_set()
+        return halves_set(8)  # 8 > the 7 samples a one-sided test needs at alpha = 0.01
 """)
 
 PYPROJECT = textwrap.dedent("""

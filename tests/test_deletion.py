@@ -166,7 +166,9 @@ def test_check_parameters_are_validated():
         DeletionInsertion(method="gradient", layer="conv")
     with pytest.raises(CheckConfigError):
         DeletionInsertion.from_params({"method": "magic"})
-    assert DeletionInsertion.from_params({"min_margin": 0}).min_margin == 0.0
+    assert DeletionInsertion.from_params({"min_win_rate": 1}).min_win_rate == 1.0
+    with pytest.raises(CheckConfigError, match="0.5 is a coin flip"):
+        DeletionInsertion(min_win_rate=0.4)
 
 
 def _checker(size):
@@ -189,17 +191,21 @@ def test_check_on_the_weighted_sum_with_the_gradient_map():
     # large weights on the checkerboard's ones, small on its zeros; intact logit ~ +3, grey or blurred ~ -3
     weights = 0.033 * torch.linspace(0.5, 1.0, 1024).view(32, 32) * (0.05 + 0.95 * _checker(32))
     subject = weighted_subject(weights, bias=-9.6)
-    result = DeletionInsertion(method="gradient", steps=8, random_orders=3).execute(subject, _toy_set())
+    result = DeletionInsertion(method="gradient", steps=8, random_orders=3).execute(subject, _toy_set(8))
     assert result.status is Status.PASSED, result.summary()
     d = result.details
     assert d["deletion_margin"] == pytest.approx(d["deletion_auc_random"] - d["deletion_auc"], abs=1e-6)
-    assert result.value == pytest.approx(min(d["deletion_margin"], d["insertion_margin"]))
-    assert [r["sample"] for r in result.rows] == ["t0", "t1", "t2", "t3"]
-    assert set(result.columns) == {"sample", "deletion_auc", "deletion_auc_random", "insertion_auc", "insertion_auc_random"}
+    wins_del = sum(r["deletion_auc"] < r["deletion_auc_random"] for r in result.rows) / 8
+    wins_ins = sum(r["insertion_auc"] > r["insertion_auc_random"] for r in result.rows) / 8
+    assert result.value == pytest.approx(min(wins_del, wins_ins)) == 1.0
+    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 wins on both curves: exact sign test
+    assert [r["sample"] for r in result.rows] == [f"t{i}" for i in range(8)]
+    assert set(result.columns) == {"sample", "label", "deletion_auc", "deletion_auc_random", "insertion_auc",
+                                   "insertion_auc_random"}
     assert len(result.evidence) == 2 and all(e.media_type == "image/svg+xml" for e in result.evidence)
-    # the same numbers against an unreachable margin fail
-    strict = DeletionInsertion(method="gradient", steps=8, samples=2, min_margin=1.0).execute(subject, _toy_set())
-    assert strict.status is Status.FAILED and len(strict.rows) == 2
+    # the same numbers on two samples cannot decide: even 2 of 2 wins give p = 0.25
+    few = DeletionInsertion(method="gradient", steps=8, samples=2).execute(subject, _toy_set(8))
+    assert few.status is Status.INCONCLUSIVE and len(few.rows) == 2 and "needs at least 7" in few.message
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +220,7 @@ def demo_results():
         flags = ({n: m.training for n, m in spec.module.named_modules()},
                  {n: p.requires_grad for n, p in spec.module.named_parameters()})
         with Subject(spec, device="cpu") as subject:
-            result = DeletionInsertion(samples=20, steps=12).execute(
+            result = DeletionInsertion().execute(  # the default suite's parameters
                 subject, data.for_model(spec.class_names, spec.input_size))
         after = spec.module.state_dict()
         unchanged = all(torch.equal(before[k], after[k]) for k in before) and flags == (

@@ -92,7 +92,7 @@ def test_finite_maps_are_unchanged_by_the_guard():
 def test_deletion_insertion_on_partly_nan_gradient_maps_is_an_error():
     # before: PASSED, the NaN pixels were simply ranked last
     with trap_subject() as subject:
-        result = DeletionInsertion(method="gradient", steps=4, min_margin=-1.0).execute(subject, trap_set())
+        result = DeletionInsertion(method="gradient", steps=4).execute(subject, trap_set())
     assert result.status is Status.ERROR, result.summary()
     assert "NonFiniteError" in result.message and "'gradient'" in result.message and "'t2'" in result.message
 

@@ -102,10 +102,11 @@ def test_baselines():
 
 def test_check_drops_match_closed_form():
     """RegionScore: logits = 100 (mean(half) - 0.05) for left/right, 0 for 'empty'."""
-    data = halves_set()
+    data = halves_set(8)
     with Subject(region_spec(), device="cpu") as subject:
         result = OcclusionDrop(baseline="zero").execute(subject, data)
-    assert result.status is Status.PASSED and result.value == 1.0
+    assert result.status is Status.PASSED
+    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 margins positive: exact signed rank
     # object (6 x 8 white pixels in a 16 x 8 half): mean 48 / 128 = 0.375
     logits = torch.tensor([100 * (0.375 - 0.05), -5.0, 0.0])
     p = torch.softmax(logits, 0)[0]
@@ -115,17 +116,18 @@ def test_check_drops_match_closed_form():
     assert row["p_object_occluded"] == pytest.approx(float(p_occluded), rel=1e-5)
     assert row["drop_object"] == pytest.approx(float((p - p_occluded) / p), rel=1e-5)
     assert row["drop_control"] == pytest.approx(0.0, abs=1e-6)  # the background is already zero
+    assert result.value == pytest.approx(float((p - p_occluded) / p), rel=1e-5)  # every sample alike: the mean margin
     assert result.evidence and result.evidence[0].media_type == "image/png"
 
 
 def test_check_fails_when_the_model_ignores_the_object():
     """Grey over a white object leaves mean(half) > offset: the model still answers 'left'."""
-    data = halves_set()
+    data = halves_set(8)
     with Subject(region_spec(gain=100.0, offset=0.0), device="cpu") as subject:
-        result = OcclusionDrop(baseline="grey", min_drop=0.5).execute(subject, data)
+        result = OcclusionDrop(baseline="grey").execute(subject, data)
     assert result.status is Status.FAILED
-    assert result.value == 0.0
-    assert all(r["passed"] is False for r in result.rows)
+    assert result.value < 0.1 and "below the minimum" in result.message
+    assert all(r["margin"] < 0.1 for r in result.rows)
 
 
 def test_check_without_boxes_is_an_error_not_a_pass():
@@ -170,7 +172,7 @@ def thin_box_set():
     big = torch.zeros(3, 160, 160)
     big[:, 40:120, 10:11] = 1.0
     thin = Sample(big, 0, (Box(10, 40, 11, 120),), "thin-line")
-    halves = halves_set()
+    halves = halves_set(8)
     return AuditSet([thin] + list(halves.samples), halves.class_names, name="mixed").resized((16, 16))
 
 
@@ -180,7 +182,7 @@ def test_a_box_under_a_pixel_after_resizing_skips_its_sample_and_says_so():
     with Subject(region_spec(), device="cpu") as subject:
         result = OcclusionDrop(baseline="zero").execute(subject, data)
     assert result.status is Status.PASSED, result.message  # the check keeps running on the others
-    assert result.details["samples_judged"] == 6
+    assert result.details["samples_judged"] == 8
     assert "thin-line" in result.message and "covers no pixel" in result.message
     (skipped,) = result.details["skipped"]
     assert skipped["sample"] == "thin-line" and "covers no pixel at 16 x 16" in skipped["reason"]
@@ -196,33 +198,37 @@ def mostly_unjudgeable_set(judgeable: int, total: int = 60):
     return AuditSet(list(halves) + full, ["left", "right", "empty"], name="mostly-full")
 
 
-def test_one_judged_sample_of_sixty_cannot_pass():
+def test_one_judged_sample_of_sixty_cannot_decide():
     data = mostly_unjudgeable_set(1)
     with Subject(region_spec(), device="cpu") as subject:
         result = OcclusionDrop(baseline="zero").execute(subject, data)
-        assert result.status is Status.FAILED
-        assert "only 1 of 60 samples could be judged (needs at least 5)" in result.message
-        assert result.details["samples_judged"] == 1 and result.details["min_samples"] == 5
-        # the minimum is a stated parameter: lowered to 1, the one judged sample decides
-        assert OcclusionDrop(baseline="zero", min_samples=1).execute(subject, data).status is Status.PASSED
+        assert result.status is Status.INCONCLUSIVE
+        assert "only 1 sample(s) could be judged" in result.message and "needs at least 7" in result.message
+        assert result.details["samples_judged"] == 1 and result.decision["needed"] == 7
+        # the need follows alpha, a stated parameter: at alpha 0.3 two samples would do, one still cannot
+        loose = OcclusionDrop(baseline="zero", alpha=0.3).execute(subject, data)
+        assert loose.status is Status.INCONCLUSIVE and loose.decision["needed"] == 2
         # no judged sample at all is the same rule, not a pass
         none = OcclusionDrop(baseline="zero").execute(subject, mostly_unjudgeable_set(0, total=8))
-    assert none.status is Status.FAILED and "only 0 of 8 samples could be judged" in none.message
+    assert none.status is Status.INCONCLUSIVE and "only 0 sample(s) could be judged" in none.message
 
 
 def test_enough_judged_samples_are_judged_as_before():
-    data = mostly_unjudgeable_set(6, total=20)
+    data = mostly_unjudgeable_set(8, total=20)
     with Subject(region_spec(), device="cpu") as subject:
         result = OcclusionDrop(baseline="zero").execute(subject, data)
-    assert result.status is Status.PASSED and result.details["samples_judged"] == 6
-    assert "14 sample(s) with no room for a control box not judged" in result.message
+    assert result.status is Status.PASSED and result.details["samples_judged"] == 8
+    assert result.decision["n"] == 8
+    assert "12 sample(s) with no room for a control box not judged" in result.message
 
 
-def test_min_samples_must_be_at_least_one():
+def test_alpha_and_margin_are_validated():
     from auditkit.checks.base import CheckConfigError
 
-    with pytest.raises(CheckConfigError, match="min_samples must be >= 1"):
-        OcclusionDrop(min_samples=0)
+    with pytest.raises(CheckConfigError, match="alpha must be a significance level in"):
+        OcclusionDrop(alpha=0.0)
+    with pytest.raises(CheckConfigError, match="min_margin must be in"):
+        OcclusionDrop(min_margin=-0.5)
 
 
 # -- the occlusion map on one stated scale, with a colour bar (issue 13, point 10) ----------------
@@ -254,9 +260,9 @@ def test_a_near_zero_occlusion_map_is_drawn_near_the_zero_colour_with_a_colour_b
     from auditkit import evidence as ev
     from auditkit.checks.occlusion import MAP_SCALE
 
-    data = halves_set(n=2)
+    data = halves_set(n=8)
     with Subject(region_spec(gain=1e-3), device="cpu") as subject:
-        result = OcclusionDrop(baseline="zero", min_samples=1, evidence_samples=1).execute(subject, data)
+        result = OcclusionDrop(baseline="zero", evidence_samples=1).execute(subject, data)
     assert result.status is Status.FAILED and result.evidence
     pixels = _evidence_pixels(result)
     assert MAP_SCALE == (-1.0, 1.0)

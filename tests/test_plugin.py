@@ -31,7 +31,7 @@ def test_failing_check_fails_the_run(project):
     result = project.runpytest("--audit-model", "shortcut")
     result.assert_outcomes(passed=1, failed=1)  # zero baseline still drops; grey does not
     assert result.ret == 1
-    result.stdout.fnmatch_lines(["*occlusion-grey: FAILED: pass rate = 0 (needs >= 0.8)*"])
+    result.stdout.fnmatch_lines(["*occlusion-grey: FAILED: mean drop_object - drop_control = * (needs >= 0.1), p = *"])
     statuses = {r["check"]: r["status"] for r in report_json(project)["results"]}
     assert statuses == {"occlusion-drop": "passed", "occlusion-grey": "failed"}
     assert [r["status"] for r in report_json(project)["results"]] == ["failed", "passed"]  # failures first
@@ -54,7 +54,7 @@ def test_unknown_check_parameter_is_a_usage_error(project):
     project.makepyprojecttoml('[tool.auditkit]\ndataset = "halves"\n[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nmin_dorp = 1\n')
     result = project.runpytest("--audit-model", "good")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*unknown parameter(s) min_dorp; valid parameters: name, min_drop*"])
+    result.stderr.fnmatch_lines(["*unknown parameter(s) min_dorp; valid parameters: name, min_margin, alpha*"])
 
 
 def test_audit_config_file_and_custom_check(project):
@@ -156,3 +156,58 @@ def test_evidence_only_check_passes_the_run_and_is_reported_as_evidence(project)
     data = report_json(project)
     assert data["results"][0]["status"] == "info" and data["results"][0]["threshold"] is None
     assert data["meta"]["counts"]["info"] == 1
+
+
+# -- INCONCLUSIVE: passes with a warning, fails when strict (issue 14) ------------------------------
+
+
+def _six_sample_project(project, strict_in_config=False):
+    """The halves gate on 6 samples: one fewer than a one-sided test at alpha 0.01 needs."""
+    import textwrap
+
+    from tests.plugin_project import CONFTEST
+
+    project.makeconftest(CONFTEST + textwrap.dedent("""
+        @auditkit.register_dataset("six")
+        def six():
+            return halves_set(6)
+    """))
+    project.makepyprojecttoml('[tool.auditkit]\ndataset = "six"\ndevice = "cpu"\n'
+                              + ("strict = true\n" if strict_in_config else "")
+                              + '[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nbaseline = "zero"\n')
+    return project
+
+
+def test_an_inconclusive_check_passes_with_a_warning_and_is_counted_apart(project):
+    _six_sample_project(project)
+    result = project.runpytest("--audit-model", "good", "--junitxml", "junit.xml")
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*AuditInconclusiveWarning: audit[[]good[]]::occlusion-drop is INCONCLUSIVE*",
+                                 "*audit: 1 inconclusive*",
+                                 "*1 check(s) INCONCLUSIVE*they pass with a warning (--audit-strict fails them)*"])
+    data = report_json(project)
+    assert data["results"][0]["status"] == "inconclusive" and data["meta"]["overall"] == "passed"
+    assert data["results"][0]["decision"]["needed"] == 7 and data["results"][0]["decision"]["n"] == 6
+    html = (project.path / "audit-report" / "index.html").read_text()
+    assert "1</b> inconclusive" in html and "cannot decide: only 6 sample(s) could be judged" in html
+    assert 'name="audit_status" value="inconclusive"' in (project.path / "junit.xml").read_text()
+
+
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_strict_makes_an_inconclusive_check_fail(project, how):
+    _six_sample_project(project, strict_in_config=how == "config")
+    args = ["--audit-model", "good"] + (["--audit-strict"] if how == "option" else [])
+    result = project.runpytest(*args)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*occlusion-drop: INCONCLUSIVE*needs at least 7*", "*they fail (strict)*"])
+    data = report_json(project)
+    assert data["meta"]["overall"] == "failed" and data["meta"]["strict"] is True
+
+
+def test_strict_in_the_config_must_be_a_boolean(project):
+    project.makepyprojecttoml('[tool.auditkit]\ndataset = "halves"\nstrict = "yes"\n')
+    result = project.runpytest("--audit-model", "good")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*strict must be true or false, got 'yes'*"])

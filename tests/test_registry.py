@@ -86,17 +86,19 @@ def test_unknown_kind_lists_valid_kinds():
 
 
 def test_unknown_parameter_lists_valid_parameters():
-    with pytest.raises(CheckConfigError, match=r"unknown parameter\(s\) min_dorp; valid parameters: name, min_drop"):
+    with pytest.raises(CheckConfigError, match=r"unknown parameter\(s\) min_dorp; valid parameters: name, min_margin, alpha"):
         build_checks([{"kind": "occlusion-drop", "min_dorp": 0.3}])
 
 
 def test_wrong_type_and_value_are_errors():
-    with pytest.raises(CheckConfigError, match="min_drop"):
-        build_checks([{"kind": "occlusion-drop", "min_drop": "high"}])
+    with pytest.raises(CheckConfigError, match="min_margin"):
+        build_checks([{"kind": "occlusion-drop", "min_margin": "high"}])
     with pytest.raises(CheckConfigError, match="baseline"):
         build_checks([{"kind": "occlusion-drop", "baseline": "purple"}])
-    with pytest.raises(CheckConfigError, match="min_drop must be in"):
-        build_checks([{"kind": "occlusion-drop", "min_drop": 3}])
+    with pytest.raises(CheckConfigError, match="min_margin must be in"):
+        build_checks([{"kind": "occlusion-drop", "min_margin": 3}])
+    with pytest.raises(CheckConfigError, match="alpha must be a significance level"):
+        build_checks([{"kind": "occlusion-drop", "alpha": 0.9}])
 
 
 def test_duplicate_check_names_are_an_error():

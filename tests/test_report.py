@@ -71,7 +71,8 @@ def test_json_round_trip(tmp_path: Path) -> None:
     _, json_path = write_report(results, META, tmp_path)
     doc = json.loads(json_path.read_text(encoding="utf-8"))
     assert doc["schema"] == SCHEMA
-    assert doc["meta"]["counts"] == {"passed": 1, "failed": 1, "error": 1, "info": 0, "total": 3}
+    assert doc["meta"]["counts"] == {"passed": 1, "failed": 1, "error": 1, "inconclusive": 0, "info": 0,
+                                     "total": 3}
     meta, back = read_report_json(json_path)
     assert meta["dataset"] == "shapes" and meta["models"] == META["models"]
     by_check = {r.check: r for r in back}

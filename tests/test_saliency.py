@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -81,7 +83,9 @@ def test_demo_passes_saliency_in_box(demo_results, method):
     result = demo_results["demo", method]
     assert result.status is Status.PASSED, result.summary()
     assert result.details["mean_energy"] > result.details["prior_mean_energy"]
-    assert result.details["prior_pass_rate"] < result.threshold  # a centre prior would fail the same rule
+    d = result.decision
+    assert d["value"] > d["control"] and d["ci"][0] > 1.0  # more energy in the box than the best control map
+    assert d["p_value"] <= d["alpha"] and d["n"] >= d["needed"]
 
 
 @pytest.mark.parametrize("method", ["grad_cam", "gradient"])
@@ -89,3 +93,65 @@ def test_demo_shortcut_fails_saliency_in_box(demo_results, method):
     result = demo_results["demo-shortcut", method]
     assert result.status is Status.FAILED, result.summary()
     assert result.details["mean_lift"] < 1.0  # no better than a uniform map: it looks at the corner marker
+
+
+# -- the decision against the control maps (issue 14) ---------------------------------------------
+
+
+def _region_check(data, **params):
+    from auditkit.checks.saliency import SaliencyInBox
+    from auditkit.subject import Subject
+    from tests.toys import region_spec
+
+    with Subject(region_spec(), device="cpu") as subject:
+        return SaliencyInBox(method="gradient", evidence_samples=0, **params).execute(subject, data)
+
+
+def test_gradient_of_a_half_mean_gives_the_closed_form_ratio():
+    """RegionScore's true-class gradient is uniform over its half (128 px): energy = box 48 px / 128."""
+    from tests.toys import halves_set
+
+    data = halves_set(8)
+    result = _region_check(data)
+    inside = data.box_masks()
+    prior = sal.energy_in_box(sal.centre_prior(8, 16, 16), inside)
+    control = torch.maximum(prior, sal.area_fraction(inside))
+    expected = torch.exp(torch.log(0.375 / control).mean())
+    assert [r["energy"] for r in result.rows] == pytest.approx([0.375] * 8, rel=1e-5)
+    assert result.value == pytest.approx(float(expected), rel=1e-5)
+    assert result.status is (Status.PASSED if float(expected) >= 1.25 else Status.FAILED)
+
+
+def test_boxes_a_centre_prior_already_fills_cannot_decide():
+    """Objects covering the middle 80% of the image: the prior alone puts most energy inside."""
+    from auditkit import AuditSet, Sample
+
+    samples = [Sample(torch.rand(3, 16, 16), i % 2, (Box(2, 2, 14, 14),), f"big{i}") for i in range(10)]
+    result = _region_check(AuditSet(samples, ["left", "right", "empty"], name="big"))
+    assert result.status is Status.INCONCLUSIVE
+    assert "no localisation verdict is possible" in result.message
+    assert result.details["samples_too_large"] == 10 and result.decision["n"] == 0
+
+
+def test_a_box_under_a_pixel_is_skipped_and_named():
+    from auditkit import AuditSet
+    from tests.toys import halves_set
+
+    halves = halves_set(8)
+    big = torch.zeros(3, 160, 160)
+    big[:, 40:120, 10:11] = 1.0
+    from auditkit import Sample
+
+    thin = Sample(big, 0, (Box(10, 40, 11, 120),), "thin-line")
+    data = AuditSet([thin] + list(halves.samples), halves.class_names, name="mixed").resized((16, 16))
+    result = _region_check(data)
+    assert "thin-line" in result.message and "covers no pixel" in result.message
+    assert result.decision["n"] == 8 and not math.isnan(result.value)
+
+
+def test_min_ratio_must_be_reachable():
+    from auditkit.checks.base import CheckConfigError
+    from auditkit.checks.saliency import SaliencyInBox
+
+    with pytest.raises(CheckConfigError, match=r"min_ratio must be in \[1, 1 / max_control_energy = 2\]"):
+        SaliencyInBox(min_ratio=3.0, max_control_energy=0.5)

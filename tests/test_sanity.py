@@ -163,8 +163,11 @@ def test_demo_passes_with_grad_cam_and_the_module_is_untouched(demo):
     _print_curve(result)
     assert result.status is Status.PASSED, result.summary()
     assert [r["randomised_down_to"] for r in result.rows] == list(reversed(rnd.parameter_layers(module)))
-    assert result.value == pytest.approx(result.rows[-1]["spearman"])
-    assert result.direction == "<=" and result.threshold == 0.5
+    # the decision is on the per-sample correlations after the last step; constant randomised maps count as 0
+    per_sample = list(result.details["spearman_per_sample"].values())
+    assert result.decision["control"] == pytest.approx(sum(0.0 if v is None or v != v else v for v in per_sample) / len(per_sample))
+    assert result.value == pytest.approx(0.5 - result.decision["control"])
+    assert result.decision["p_value"] <= 0.01 and result.threshold == 0.0
     assert [e.media_type for e in result.evidence] == ["image/png", "image/svg+xml"]
 
 
@@ -192,7 +195,8 @@ def test_a_method_that_ignores_the_model_fails(demo, monkeypatch):
     result = _run(spec, data, evidence_samples=0)
     _print_curve(result)
     assert result.status is Status.FAILED, result.summary()
-    assert result.value == pytest.approx(1.0, abs=1e-6)
+    assert result.decision["control"] == pytest.approx(1.0, abs=1e-6)  # the randomised map is the same map
+    assert result.value == pytest.approx(0.5 - 1.0, abs=1e-6)
 
 
 def test_constant_original_maps_are_an_error(demo, monkeypatch):

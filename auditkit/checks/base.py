@@ -143,6 +143,14 @@ class CheckResult:
         if self.status is Status.ERROR:
             return f"{self.check}: ERROR: {self.message}"
         line = f"{self.check}: {self.status.value.upper()}"
+        if self.decision:
+            d = self.decision
+            unit = "x" if d.get("effect_kind") == "ratio" else ""
+            line += (f": {self.metric} = {_g(d.get('effect'))}{unit} (needs >= {_g(d.get('min_effect'))}{unit}), "
+                     f"p = {_g(d.get('p_value'), 2)} (alpha {_g(d.get('alpha'))}), n = {d.get('n')}; "
+                     f"{d.get('labels', {}).get('value', 'model')} {_g(d.get('value'))} vs "
+                     f"{d.get('labels', {}).get('control', 'control')} {_g(d.get('control'))}")
+            return line + (f"; {self.message}" if self.message else "")
         if self.value is not None:
             line += f": {self.metric} = {self.value:.4g}"
             if self.threshold is not None:
@@ -150,6 +158,11 @@ class CheckResult:
         if self.message:
             line += f"; {self.message}"
         return line
+
+
+def _g(value: Any, digits: int = 3) -> str:
+    """A number to `digits` significant digits; None (NaN in JSON) as NaN."""
+    return "NaN" if value is None else f"{float(value):.{digits}g}"
 
 
 def jsonable(obj: Any) -> Any:
@@ -273,13 +286,11 @@ class Check:
     def decided(self, decision: Any, *, metric: str, message: str = "", **kwargs: Any) -> CheckResult:
         """A CheckResult whose status is the Decision's (checks.decision): value = the effect, threshold =
         its minimum, and the decision (n, CI, p-value, control, per class) recorded for the report."""
-        text = decision.summary()
-        if decision.reason:
-            text = f"{decision.reason}; {text}"
+        reason = decision.reason if decision.status is not Status.PASSED else ""
         return CheckResult(
             check=self.name, kind=self.kind, status=decision.status, metric=metric, value=float(decision.effect),
             threshold=float(decision.min_effect), direction=">=", decision=jsonable(decision.to_dict()),
-            message="; ".join(part for part in (message, text) if part), **kwargs,
+            message="; ".join(part for part in (reason, message) if part), **kwargs,
         )
 
     def info_result(self, *, message: str = "", metric: str = "", value: float | None = None, **kwargs: Any) -> CheckResult:
