@@ -279,3 +279,29 @@ def test_a_near_zero_occlusion_map_is_drawn_near_the_zero_colour_with_a_colour_b
         assert np.abs(pixels - colour).sum(axis=2).min() > 12, f"a hot pixel {colour} in a near-zero map"
     caption = result.evidence[0].caption
     assert "-1" in caption and "+1" in caption and "every image" in caption
+
+
+class _RightOnBackground(torch.nn.Module):
+    """'left' reads the left half; 'right' has a fixed logit 5: the model answers 'right' on an empty image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        left = x[..., : x.shape[-1] // 2].mean(dim=(1, 2, 3))
+        return torch.stack([100 * (left - 0.05), torch.full_like(left, 5.0), 0 * self.conv(x).mean(dim=(1, 2, 3))], 1)
+
+
+def test_the_per_class_breakdown_names_the_class_the_model_predicts_on_background():
+    from auditkit import ModelSpec
+
+    spec = ModelSpec(module=_RightOnBackground(), class_names=["left", "right", "empty"], input_size=(16, 16),
+                     layers=["conv"], name="right-on-background")
+    with Subject(spec, device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero", evidence_samples=0).execute(subject, halves_set(8))
+    by_class = {g["class"]: g for g in result.decision["by_class"]}
+    assert by_class["left"]["effect"] > 0.9 and by_class["left"]["model_wins"] == 4
+    assert by_class["right"]["effect"] == pytest.approx(0.0, abs=1e-6) and by_class["right"]["model_wins"] == 0
+    # half the samples carry no effect: 4 untied pairs cannot reach alpha, so the whole check fails
+    assert result.status is Status.FAILED and "not significant" in result.message
