@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "register_model", "register_dataset", "register_check",
-    "ModelSpec", "AuditSet", "Sample", "Box", "Check", "CheckResult", "Status", "Subject",
+    "ModelSpec", "AuditSet", "Sample", "Box", "Check", "CheckResult", "Status", "Subject", "decide", "Decision",
 ]
 
 _LAZY = {
@@ -25,10 +25,13 @@ _LAZY = {
     "CheckResult": "auditkit.checks.base",
     "Status": "auditkit.checks.base",
     "Subject": "auditkit.subject",
+    "decide": "auditkit.checks.decision",
+    "Decision": "auditkit.checks.decision",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from auditkit.checks.base import Check, CheckResult, Status
+    from auditkit.checks.decision import Decision, decide
     from auditkit.data import AuditSet, Box, Sample
     from auditkit.spec import ModelSpec
     from auditkit.subject import Subject

@@ -102,3 +102,20 @@ def test_bad_arguments_name_what_is_wrong():
         decide([1.0, 2.0], [0.0], effect="difference", min_effect=0.0)
     with pytest.raises(ValueError, match="effect"):
         decide([1.0], [0.0], effect="median", min_effect=0.0)
+
+
+def test_a_custom_check_decides_with_the_public_rule():
+    import auditkit
+
+    class Paired(auditkit.Check):
+        kind = "paired-toy"
+
+        def run(self, subject, audit_set):
+            decision = auditkit.decide([2.0] * 8, [1.0] * 8, effect="difference", min_effect=0.5)
+            return self.decided(decision, metric="margin", message="toy")
+
+    result = Paired().run(None, None)
+    assert isinstance(auditkit.decide([1.0], [0.0], effect="difference", min_effect=0.0), auditkit.Decision)
+    assert result.status is auditkit.Status.PASSED and result.value == 1.0 and result.threshold == 0.5
+    assert result.decision["p_value"] == pytest.approx(0.5 ** 8) and result.message == "toy"
+    assert "margin = 1 (needs >= 0.5), p = 0.0039 (alpha 0.01), n = 8" in result.summary()
