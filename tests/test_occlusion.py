@@ -305,3 +305,11 @@ def test_the_per_class_breakdown_names_the_class_the_model_predicts_on_backgroun
     assert by_class["right"]["effect"] == pytest.approx(0.0, abs=1e-6) and by_class["right"]["model_wins"] == 0
     # half the samples carry no effect: 4 untied pairs cannot reach alpha, so the whole check fails
     assert result.status is Status.FAILED and "not significant" in result.message
+
+
+def test_relative_drop_is_clipped_so_a_tiny_p_cannot_dominate():
+    from auditkit.checks.occlusion import relative_drop
+
+    p = torch.tensor([0.8, 1e-6, 0.5])
+    occluded = torch.tensor([0.2, 0.3, 0.5])
+    assert relative_drop(p, occluded).tolist() == pytest.approx([0.75, -1.0, 0.0])  # unclipped: -299999

@@ -17,6 +17,12 @@ MAP_SCALE = (-1.0, 1.0)
 METRIC = "mean drop_object - drop_control"
 
 
+def relative_drop(p: torch.Tensor, p_occluded: torch.Tensor) -> torch.Tensor:
+    """(p - p_occluded) / p, clipped to [-1, 1]: occlusion that more than doubles a small p counts as -1,
+    so a misclassified sample (p near 0, ratio unbounded below) cannot outweigh the others in the mean."""
+    return ((p - p_occluded) / p.clamp_min(1e-12)).clamp(-1.0, 1.0)
+
+
 @dataclass
 class OcclusionDrop(Check):
     """Occluding the object must cut the true-class probability more than occluding elsewhere does.
@@ -26,6 +32,7 @@ class OcclusionDrop(Check):
         drop_control = mean over up to `control_boxes` same-size boxes, each
                        covering at most `control_overlap` of its area with
                        the object's boxes, of (p - p(control occluded)) / p
+    each drop clipped to [-1, 1] (relative_drop).
     Decision (checks.decision, effect "difference"): passes when
     mean(drop_object - drop_control) >= min_margin and a one-sided Wilcoxon
     signed-rank test of drop_object - drop_control > 0 gives p <= alpha.
@@ -122,12 +129,12 @@ class OcclusionDrop(Check):
         if owners:
             masks = torch.cat(control_masks)
             p_control = subject.class_probability(occ.occlude(images[owners_t], masks, base[owners_t]), labels[owners_t])
-            rel = (p[owners_t] - p_control) / p[owners_t].clamp_min(1e-12)
+            rel = relative_drop(p[owners_t], p_control)
             sums = torch.zeros(n).index_add_(0, owners_t, rel)
             counts = torch.zeros(n).index_add_(0, owners_t, torch.ones(len(owners)))
             drop_control = torch.where(counts > 0, sums / counts.clamp_min(1), drop_control)
 
-        drop_object = (p - p_object) / p.clamp_min(1e-12)
+        drop_object = relative_drop(p, p_object)
         has_control = ~torch.isnan(drop_control)
         margin = drop_object - drop_control
         judged = int(has_control.sum())
