@@ -257,6 +257,8 @@ def test_demo_invariance_check_passes(demo, translate_results, transform):
         result = InvarianceGrowsWithDepth(transform=transform).execute(subject, data)
     print(result.summary())
     assert result.status is Status.PASSED, result.summary()
+    assert result.decision["ci"][0] >= 0.2 and result.decision["p_value"] < 1e-6  # by far, not by a tuned edge
+    assert result.decision["n"] == 32 and result.decision["min_effect"] == 0.1
     assert len(result.rows) == 4 * 3 and result.evidence and result.evidence[0].media_type == "image/svg+xml"
     assert result.title == {"translate": "Invariance to translation grows with depth",
                             "scale": "Invariance to scaling grows with depth"}[transform]  # told apart in the report
@@ -265,8 +267,10 @@ def test_demo_invariance_check_passes(demo, translate_results, transform):
 def test_demo_invariance_check_fails_on_gain(demo):
     subject, data = demo
     result = InvarianceGrowsWithDepth(transform="translate", min_gain=0.99).execute(subject, data)
-    assert result.status is Status.FAILED and "gain" in result.message
-    assert result.value >= 0.8  # the rank condition alone holds
+    assert result.status is Status.FAILED and "effect 0.413 below the minimum 0.99" in result.message
+    assert result.decision["p_value"] <= 0.01  # significant, but not by the minimum gain
+    assert result.value == pytest.approx(result.details["mean_gain"], abs=1e-9)
+    assert result.details["mean_rho"] >= 0.8  # the trend holds, and is shown, not judged
 
 
 def test_rotation_is_measured_and_shown_but_not_judged(demo, translate_results):
@@ -491,12 +495,14 @@ def test_invariances_tied_up_to_rounding_have_no_rank_correlation():
     spec = ModelSpec(module=_ConvThenScaled(), class_names=["a", "b"], input_size=(16, 16),
                      layers=["conv", "triple"], name="scaled")
     with Subject(spec, device="cpu") as subject:
-        result = InvarianceGrowsWithDepth(min_rho=-1.0, min_gain=-2.0).execute(subject, _noise_set())
+        result = InvarianceGrowsWithDepth(min_gain=-2.0).execute(subject, _noise_set())
     per_layer = {(r["magnitude"], r["layer"]): r["invariance"] for r in result.rows}
     for m in (2.0, 4.0, 8.0):
         assert per_layer[m, "conv"] == pytest.approx(per_layer[m, "triple"], abs=1e-9)
     assert all(np.isnan(rho) for rho in result.details["rho_per_magnitude"]), result.details["rho_per_magnitude"]
+    # per sample too the two layers tie up to rounding: ties carry no direction, so it cannot pass
     assert result.status is Status.FAILED, result.summary()
+    assert result.decision["effect"] == 0.0 and result.decision["p_value"] == 1.0 and result.decision["n"] == 8
 
 
 @pytest.mark.parametrize("transform, magnitudes, match", [

@@ -1,6 +1,7 @@
 """Representation checks: `invariance-grows-with-depth` and `dead-units`."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -16,10 +17,12 @@ from auditkit.checks.base import (
     CheckConfigError,
     CheckResult,
     Status,
+    require_alpha,
     require_at_least,
     require_unit,
     spread_indices,
 )
+from auditkit.checks.decision import ALPHA, Decision, decide, needed_samples
 from auditkit.methods import features as fe
 from auditkit.methods.numerics import constant_rows, require_finite
 
@@ -39,16 +42,17 @@ def _finite(features, layers, ids, what):
 
 
 def _measure(subject, images, labels, layers, transform, mags, base, spread, ids):
-    """For each magnitude m: invariance per layer (table[m]), mean p(true class) of the transformed
-    images (prob[m], from the same forward passes), rho = Spearman(depth, invariance) (NaN when all
-    layers tie up to rounding: ranks of rounding noise are no trend) and gain = last-layer minus
-    first-layer invariance."""
+    """For each magnitude m: the per-sample invariance of each layer (per[m][layer], N float64), its mean
+    (table[m][layer]), mean p(true class) of the transformed images (prob[m], from the same forward
+    passes), rho = Spearman(depth, invariance) (NaN when all layers tie up to rounding: ranks of rounding
+    noise are no trend) and gain = last-layer minus first-layer invariance."""
     fn = fe.TRANSFORMS[transform]
-    table, prob = {}, {}
+    per, table, prob = {}, {}, {}
     for m in mags:
         moved, logits = fe.features_and_logits(subject, fn(images, m), layers)
         _finite(moved, layers, ids, f" under {transform} {m:g}{_UNIT[transform]}")
-        table[m] = {name: fe.invariance_from_features(base[name], moved[name], spread[name]) for name in layers}
+        per[m] = {name: fe.invariance_per_sample(base[name], moved[name], spread[name]) for name in layers}
+        table[m] = {name: float(per[m][name].mean()) for name in layers}
         prob[m] = _true_class_probability(logits, labels)
         del moved
     depth = list(range(1, len(layers) + 1))
@@ -59,7 +63,7 @@ def _measure(subject, images, labels, layers, transform, mags, base, spread, ids
         rho = float("nan") if tied else spearmanr(depth, values).statistic
         rhos.append(float(rho))
         gains.append(values[-1] - values[0])
-    return table, prob, rhos, gains
+    return per, table, prob, rhos, gains
 
 
 def _true_class_probability(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -73,38 +77,58 @@ def _representative(mags) -> float:
     return ordered[(len(ordered) - 1) // 2]
 
 
+def _untie(values: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
+    """`values` with each entry that equals its control up to rounding (numerics.constant_rows of the pair)
+    replaced by the control: a difference of rounding noise is a tie, which carries no direction."""
+    pairs = torch.stack([values, controls], dim=1)
+    tied = constant_rows(pairs) & torch.isfinite(pairs).all(dim=1)
+    return torch.where(tied, controls, values)
+
+
 _NOUN = {"translate": "translation", "scale": "scaling", "rotate": "rotation"}
+METRIC = "mean invariance gain, top - bottom layer"
 
 
 @dataclass
 class InvarianceGrowsWithDepth(Check):
-    """Features should get more invariant to a nuisance transform from shallow to deep layers.
+    """Features should get more invariant to a nuisance transform from the bottom layer to the top one.
 
-    invariance_l(T) = 1 - mean_i d(f_l(x_i), f_l(T x_i)) / mean_{i != j} d(f_l(x_i), f_l(x_j))
-    (Euclidean d on flattened layer outputs). For each magnitude, rho = Spearman(depth, invariance)
-    over the subject's layers; the check passes when the mean rho over magnitudes is >= min_rho AND
-    the mean (over magnitudes) of last-layer minus first-layer invariance is >= min_gain.
+    Per sample i and layer l (Euclidean d on flattened layer outputs, the spread over all ordered pairs
+    of different images as the denominator):
 
-    `compare` names other transforms that are measured the same way at their default magnitudes
-    (DEFAULT_MAGNITUDES) and shown (rows, details, an extra chart) but never judged: the verdict
-    depends on `transform` alone.
+        inv_l(i) = 1 - d(f_l(x_i), f_l(T x_i)) / mean_{j != k} d(f_l(x_j), f_l(x_k))
+
+    Decision (checks.decision, effect "difference"; the control is the bottom layer measured on the same
+    images): with v_i = mean over the magnitudes of inv_top(i) and c_i = the same of inv_bottom(i), passes
+    when mean_i(v_i - c_i) >= min_gain and a one-sided Wilcoxon signed-rank test of v_i - c_i > 0 gives
+    p <= alpha; INCONCLUSIVE below the samples the test needs (7 at alpha 0.01). Differences of
+    rounding noise are ties. A bottom or top layer that gives the same output for every image cannot
+    be measured and FAILS.
+
+    The curve over all layers and Spearman(depth, invariance) per magnitude are evidence, shown and not
+    judged: a local swap of two middle layers does not decide anything. `compare` names other transforms
+    that are measured the same way at their default magnitudes (DEFAULT_MAGNITUDES) and shown (rows,
+    details, an extra chart) but never judged.
     """
 
     kind = "invariance-grows-with-depth"
     title = "Invariance grows with depth"
     description = (
-        "invariance_l(T) = 1 - mean_i d(f_l(x_i), f_l(T x_i)) / mean_{i != j} d(f_l(x_i), f_l(x_j)), d = Euclidean "
-        "distance of the flattened layer output. Passes when Spearman(depth, invariance), averaged over the "
-        "magnitudes, is >= min_rho and the last layer's invariance exceeds the first layer's by >= min_gain "
-        "(averaged over the magnitudes). Transforms listed in compare are measured and shown, not judged."
+        "Per sample: inv_l(i) = 1 - d(f_l(x_i), f_l(T x_i)) / mean_{j != k} d(f_l(x_j), f_l(x_k)), d = Euclidean "
+        "distance of the flattened layer output, averaged over the magnitudes. Passes when "
+        "mean_i(inv_top(i) - inv_bottom(i)) >= min_gain and a one-sided Wilcoxon signed-rank test of "
+        "inv_top - inv_bottom > 0 gives p <= alpha (the bottom layer is the control); INCONCLUSIVE when too "
+        "few samples can be judged. The per-layer curve, its Spearman trend and the transforms listed in "
+        "compare are shown, not judged."
     )
 
     transform: Literal["translate", "scale", "rotate"] = "translate"
     magnitudes: tuple[float, ...] = ()
-    min_rho: float = 0.8
     min_gain: float = 0.1
+    alpha: float = ALPHA
     samples: int = 32
     compare: tuple[str, ...] = ()
+    seed: int = 0
 
     def validate(self) -> None:
         if isinstance(self.compare, str):  # compare="rotate" means ("rotate",)
@@ -119,16 +143,15 @@ class InvarianceGrowsWithDepth(Check):
                                        f"{other!r}")
         if len(set(self.compare)) != len(self.compare):
             raise CheckConfigError(f"check {self.name!r}: compare lists a transform twice: {list(self.compare)}")
-        if not -1.0 <= self.min_rho <= 1.0:
-            raise CheckConfigError(f"check {self.name!r}: min_rho must be in [-1, 1], got {self.min_rho}")
         if not math.isfinite(self.min_gain):
             raise CheckConfigError(f"check {self.name!r}: min_gain must be finite, got {self.min_gain}")
+        require_alpha(self)
         require_at_least(self, samples=2)
         self._validate_magnitudes()
 
     def _validate_magnitudes(self) -> None:
         """Every magnitude must move the image: an identity (shift 0, zoom 1, a turn by a multiple of 360
-        degrees) makes every layer's invariance 1, so its Spearman is NaN. Negative shifts and angles
+        degrees) makes every layer's invariance 1 and measures nothing. Negative shifts and angles
         are the other direction and fine."""
         expected = {
             "translate": "whole, nonzero pixel shifts (negative ones move the image left)",
@@ -154,36 +177,67 @@ class InvarianceGrowsWithDepth(Check):
     def used_magnitudes(self) -> tuple[float, ...]:
         return tuple(self.magnitudes) or DEFAULT_MAGNITUDES[self.transform]
 
+    def _decide(self, top, bottom, values, controls, groups, why: str = "") -> Decision:
+        return decide(values, controls, effect="difference", min_effect=self.min_gain, alpha=self.alpha,
+                      seed=self.seed, groups=groups, value_label=f"invariance of {top} (top)",
+                      control_label=f"invariance of {bottom} (bottom)", inconclusive=why)
+
     def run(self, subject, audit_set) -> CheckResult:
         layers = list(subject.layers)
         if len(layers) < 2:
             return self.error_result(f"model {subject.name!r} has {len(layers)} layer(s); this check needs at least 2")
+        bottom, top = layers[0], layers[-1]
+        title = f"Invariance to {_NOUN[self.transform]} grows with depth"
         chosen = spread_indices(len(audit_set), self.samples)
         if len(chosen) < 2:
-            return self.error_result(f"audit set {audit_set.name!r} has fewer than 2 samples")
+            why = (f"audit set {audit_set.name!r} has {len(audit_set)} sample(s); the spread between images needs "
+                   f"at least 2 and the test at alpha = {self.alpha:g} needs {needed_samples(self.alpha)}")
+            result = self.decided(self._decide(top, bottom, [], [], [], why), metric=METRIC)
+            result.title = title
+            return result
         subset = audit_set.subset(chosen)
         images, labels = subset.images(), subset.labels()
         mags = self.used_magnitudes
         unit = _UNIT[self.transform]
 
         ids = [sample.id for sample in subset]
+        names = list(subset.class_names)
+        classes = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels]
         base, base_logits = fe.features_and_logits(subject, images, layers)
         _finite(base, layers, ids, "")
         spread = {name: fe.mean_pairwise_distance(base[name]) for name in layers}  # shared denominators
-        table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base, spread, ids)
+        per, table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base,
+                                                 spread, ids)
         prob[1.0 if self.transform == "scale" else 0.0] = _true_class_probability(base_logits, labels)
         depth = list(range(1, len(layers) + 1))
+        finite_rhos = [r for r in rhos if math.isfinite(r)]
         mean_rho = float(sum(rhos) / len(rhos))
         mean_gain = float(sum(gains) / len(gains))
+        inv_top = torch.stack([per[m][top] for m in mags]).mean(dim=0)
+        inv_bottom = torch.stack([per[m][bottom] for m in mags]).mean(dim=0)
+
         # other transforms: measured and shown, never judged
         shown: dict[str, dict] = {}
         for other in self.compare:
             o_mags = DEFAULT_MAGNITUDES[other]
-            o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread, ids)
+            _, o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread,
+                                                      ids)
             shown[other] = {"magnitudes": list(o_mags), "invariance": {f"{m:g}": o_table[m] for m in o_mags},
                             "rho_per_magnitude": o_rhos, "gain_per_magnitude": o_gains,
                             "mean_rho": float(sum(o_rhos) / len(o_rhos)),
                             "mean_gain": float(sum(o_gains) / len(o_gains)), "judged": False, "table": o_table}
+
+        constant = [name for name in layers if fe.rows_all_equal(base[name])]  # up to rounding
+        unmeasurable = [name for name in (bottom, top) if name in constant]
+        decision = self._decide(top, bottom, _untie(inv_top, inv_bottom).tolist(), inv_bottom.tolist(), classes)
+        notes = []
+        if constant:
+            notes.append(f"layer(s) {', '.join(constant)} give the same output for every image, so their "
+                         f"invariance cannot be measured")
+        if unmeasurable:  # the model's fault: the compared layer carries no information about the image
+            decision = dataclasses.replace(decision, status=Status.FAILED, reason=notes[0] + (
+                f"; the check compares the top layer {top!r} with the bottom layer {bottom!r}"))
+            notes = []
 
         rows = [{"transform": self.transform, "judged": "yes", "layer": name, "depth": d, "magnitude": m,
                  "invariance": table[m][name]} for m in mags for d, name in zip(depth, layers)]
@@ -191,33 +245,28 @@ class InvarianceGrowsWithDepth(Check):
                   "invariance": info["table"][m][name]}
                  for other, info in shown.items() for m in info["magnitudes"] for d, name in zip(depth, layers)]
         per_mag = ", ".join(f"{m:g}{unit}: rho {r:.2f}, gain {g:+.2f}" for m, r, g in zip(mags, rhos, gains))
-        message = (f"{self.transform}, {len(chosen)} samples; mean Spearman {mean_rho:.2f}, mean gain "
-                   f"{layers[-1]} - {layers[0]} = {mean_gain:+.3f} (needs >= {self.min_gain:g}); {per_mag}")
-        constant = [name for name in layers if fe.rows_all_equal(base[name])]  # up to rounding
-        if constant:  # invariance is NaN there, so rho and the gain are NaN and the check fails
-            message = (f"layer(s) {', '.join(constant)} give the same output for every image, so their "
-                       f"invariance cannot be measured; " + message)
+        notes.append(f"{self.transform} by {', '.join(f'{m:g}{unit}' for m in mags)}, {len(chosen)} samples; judged: "
+                     f"{top} (top) against {bottom} (bottom), per sample")
+        notes.append(f"shown, not judged: Spearman(depth, invariance) {mean_rho:.2f} on average; {per_mag}")
         if shown:
-            message += "; shown, not judged: " + ", ".join(
+            notes.append("other transforms, not judged: " + ", ".join(
                 f"{other} mean Spearman {info['mean_rho']:.2f}, mean gain {info['mean_gain']:+.3f}"
-                for other, info in shown.items())
-        result = self.result(
-            metric="Spearman(depth, invariance)", value=mean_rho, threshold=self.min_rho, rows=rows,
-            columns=["transform", "judged", "layer", "depth", "magnitude", "invariance"], message=message,
-            details={"transform": self.transform, "magnitudes": list(mags), "layers": layers,
-                     "rho_per_magnitude": rhos, "gain_per_magnitude": gains, "mean_gain": mean_gain,
-                     "min_gain": self.min_gain, "samples": len(chosen),
-                     "invariance": {f"{m:g}": table[m] for m in mags},
+                for other, info in shown.items()))
+        per_sample = [{"sample": i, "class": c, "inv_bottom": float(b), "inv_top": float(t),
+                       "gain": float(t - b)} for i, c, b, t in zip(ids, classes, inv_bottom.tolist(), inv_top.tolist())]
+        result = self.decided(
+            decision, metric=METRIC, rows=rows,
+            columns=["transform", "judged", "layer", "depth", "magnitude", "invariance"], message="; ".join(notes),
+            details={"transform": self.transform, "magnitudes": list(mags), "layers": layers, "bottom": bottom,
+                     "top": top, "rho_per_magnitude": rhos, "mean_rho": mean_rho,
+                     "rho_judged": False, "rho_finite": len(finite_rhos), "gain_per_magnitude": gains,
+                     "mean_gain": mean_gain, "min_gain": self.min_gain, "samples": len(chosen),
+                     "per_sample": per_sample, "invariance": {f"{m:g}": table[m] for m in mags},
                      "p_true_class": {f"{m:g}": p for m, p in sorted(prob.items())},
                      "compare": {other: {k: v for k, v in info.items() if k != "table"}
                                  for other, info in shown.items()}},
         )
-        result.title = f"Invariance to {_NOUN[self.transform]} grows with depth"
-        if result.status is Status.PASSED and not mean_gain >= self.min_gain:
-            result.status = Status.FAILED
-            result.message = (f"FAILED on gain: invariance rises with depth (rho {mean_rho:.2f} >= {self.min_rho:g}) "
-                              f"but the last layer gains only {mean_gain:+.3f} over the first (needs >= "
-                              f"{self.min_gain:g}); " + message)
+        result.title = title
         series = {f"{self.transform} {m:g}{unit}": (depth, [table[m][name] for name in layers]) for m in mags}
         x_label = "depth (" + ", ".join(f"{d}={n}" for d, n in zip(depth, layers)) + ")"
         svg = ev.line_chart_svg(series, title=f"Invariance to {self.transform} vs depth", x_label=x_label,
@@ -225,7 +274,8 @@ class InvarianceGrowsWithDepth(Check):
         result.evidence = [ev.svg_evidence(
             f"Invariance to {self.transform} by layer", svg,
             "1 - mean distance to the transformed image / mean distance between images, per layer "
-            "(1 = unchanged, 0 = as far as another image); one line per magnitude.")]
+            "(1 = unchanged, 0 = as far as another image); one line per magnitude. Judged: the top layer "
+            "against the bottom one, per sample; the layers between are shown.")]
         result.evidence += self._figure5(layers, table, prob, unit)
         if shown:
             result.evidence.append(self._comparison(layers, depth, x_label, table, shown))

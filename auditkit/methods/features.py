@@ -10,8 +10,9 @@
 - ``translate`` / ``scale`` / ``rotate``: batched N x C x H x W transforms in
   pixel space; the border is filled by reflection and the output keeps the
   input size.
-- ``invariance``: how little a layer's features move under a transform,
-  relative to how far apart different images are.
+- ``invariance`` / ``invariance_per_sample``: how little a layer's features
+  move under a transform, relative to how far apart different images are
+  (the layer's mean, or one value per image over the same denominator).
 - ``dead_units``: channels whose output is never positive on the images.
 - ``rows_all_equal``: whether every image gave the same features, up to rounding.
 """
@@ -230,20 +231,33 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
     return float(pair[~torch.eye(n, dtype=torch.bool)].mean())
 
 
-def invariance_from_features(base: torch.Tensor, moved: torch.Tensor, spread: float | None = None) -> float:
-    """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features.
+def invariance_per_sample(base: torch.Tensor, moved: torch.Tensor, spread: float | None = None) -> torch.Tensor:
+    """N float64: inv(i) = 1 - d(base_i, moved_i) / mean_{j != k} d(base_j, base_k), d Euclidean on N x D features.
 
-    `spread` may hold mean_pairwise_distance(base), computed once for many `moved`. A layer whose
-    output is the same for every image up to rounding (rows_all_equal) cannot be measured: NaN, never
-    a perfect 1 nor a ratio of rounding noise.
+    The denominator is the layer's spread over all ordered pairs of different images (mean_pairwise_distance,
+    passed as `spread` to reuse it), the same for every sample, so mean_i inv(i) is invariance_from_features.
+    A layer whose output is the same for every image up to rounding (rows_all_equal) cannot be measured:
+    every entry is NaN, never a perfect 1 nor a ratio of rounding noise.
     """
-    if base.shape[0] < 2:
-        raise ValueError(f"invariance needs at least 2 images, got {base.shape[0]}")
+    n = base.shape[0]
+    if n < 2:
+        raise ValueError(f"invariance needs at least 2 images, got {n}")
+    if moved.shape[0] != n:
+        raise ValueError(f"invariance: {moved.shape[0]} transformed rows for {n} images")
     den = mean_pairwise_distance(base) if spread is None else spread
     if not den > 0 or rows_all_equal(base):
-        return math.nan
-    num = (base.flatten(1).double() - moved.flatten(1).double()).norm(dim=1).mean()
-    return float(1.0 - num / den)
+        return torch.full((n,), math.nan, dtype=torch.float64)
+    num = (base.flatten(1).double() - moved.flatten(1).double()).norm(dim=1)
+    return 1.0 - num / den
+
+
+def invariance_from_features(base: torch.Tensor, moved: torch.Tensor, spread: float | None = None) -> float:
+    """1 - mean_i d(base_i, moved_i) / mean_{i != j} d(base_i, base_j), d Euclidean on N x D features:
+    the mean of invariance_per_sample (NaN for a layer that is the same for every image up to rounding).
+
+    `spread` may hold mean_pairwise_distance(base), computed once for many `moved`.
+    """
+    return float(invariance_per_sample(base, moved, spread).mean())
 
 
 def invariance(
