@@ -13,7 +13,8 @@ from torch import nn
 from auditkit import AuditSet, ModelSpec, Sample
 from auditkit.checks import check_class
 from auditkit.checks.base import CheckConfigError, Status
-from auditkit.checks.embedding import ClassSeparation, FeatureNeighbours
+from auditkit.checks.decision import decide
+from auditkit.checks.embedding import ClassSeparation, FeatureNeighbours, _arrangements, _needed_images
 from auditkit.demo import demo_model, shapes_dataset
 from auditkit.methods import embedding as em
 from auditkit.methods.randomisation import random_copy
@@ -265,8 +266,15 @@ def untrained(shapes):
 def test_demo_passes_feature_neighbours(trained):
     result = trained[2][0]
     assert result.status is Status.PASSED, result.summary()
-    # measured: 0.927 in feature space vs 0.340 in pixel space, gain 0.587; default min_gain 0.25
+    # measured: 0.927 in feature space vs 0.340 in pixel space, gain 0.587 (CI 0.50 to 0.67, p 1e-11);
+    # default min_gain 0.1, the same for every model
     assert result.value == pytest.approx(0.587, abs=0.03)
+    d = result.decision
+    assert (d["effect_kind"], d["n"], d["min_effect"], d["alpha"]) == ("difference", 60, 0.1, 0.01)
+    assert d["ci"][0] >= 0.4 and d["p_value"] < 1e-8  # by far, not by a tuned edge
+    assert (d["value"], d["control"]) == pytest.approx((result.details["feature_agreement"],
+                                                        result.details["pixel_agreement"]))
+    assert sorted(g["class"] for g in d["by_class"]) == sorted(r["class"] for r in result.rows)
     assert result.details["feature_agreement"] > 0.85 and result.details["pixel_agreement"] < 0.45
     assert result.details["chance_agreement"] == pytest.approx(np.mean([(c - 1) / 59 for c in [12] * 24 + [14] * 14
                                                                          + [13] * 13 + [9] * 9]))
@@ -285,8 +293,14 @@ def test_demo_passes_feature_neighbours(trained):
 def test_demo_passes_class_separation(trained):
     result = trained[2][1]
     assert result.status is Status.PASSED, result.summary()
-    # measured: 0.95 in the t-SNE map (perplexity 59/3), default min_accuracy 0.6
-    assert result.value >= 0.85
+    # measured: k-NN accuracy 0.95 in the t-SNE map (perplexity 59/3) against 0.185 with the labels permuted:
+    # kappa 0.94 (CI 0.81 to 0.99), p = 1 / 1000, the smallest p of 999 permutations; default min_kappa 0.25
+    d = result.decision
+    assert result.details["tsne_knn_accuracy"] >= 0.85 and d["value"] == result.details["tsne_knn_accuracy"]
+    assert 0.1 < d["control"] < 0.3  # five classes: chance is about 0.2
+    assert result.value == d["effect"] == pytest.approx((d["value"] - d["control"]) / (1 - d["control"]))
+    assert d["ci"][0] >= 0.6 and d["p_value"] == pytest.approx(1 / 1000)
+    assert [g["class"] for g in d["by_class"]] == ["circle", "square", "triangle", "star", "cross"]
     assert result.details["perplexity"] == pytest.approx(59 / 3)
     assert result.details["feature_knn_accuracy"] >= 0.85
     pca_svg, tsne_svg = (e.data.decode() for e in result.evidence)
@@ -309,7 +323,9 @@ def test_untrained_copy_fails_both(untrained):
     assert neighbours.value < 0.0 and neighbours.evidence == []
     # measured: 0.233 in the t-SNE map (5 classes: chance is about 0.2)
     assert separation.status is Status.FAILED, separation.summary()
-    assert separation.value < 0.4
+    assert separation.details["tsne_knn_accuracy"] < 0.4
+    assert separation.value < 0.25 and "below the minimum 0.25" in separation.message
+    assert separation.decision["p_value"] > 0.01  # measured: kappa -0.002, p = 0.54 against the permuted labels
 
 
 # -- the checks: configuration, errors, escaping ------------------------------------
@@ -318,13 +334,18 @@ def test_untrained_copy_fails_both(untrained):
 def test_registered_and_configurable():
     assert check_class("feature-neighbours") is FeatureNeighbours
     assert check_class("class-separation") is ClassSeparation
-    check = ClassSeparation.from_params({"k": 3, "min_accuracy": 0.7, "perplexity": 10, "layer": "stage4"})
-    assert (check.k, check.perplexity, check.layer) == (3, 10.0, "stage4")
+    check = ClassSeparation.from_params({"k": 3, "min_kappa": 0.5, "perplexity": 10, "layer": "stage4"})
+    assert (check.k, check.min_kappa, check.perplexity, check.layer) == (3, 0.5, 10.0, "stage4")
+    assert (ClassSeparation().min_kappa, ClassSeparation().permutations, FeatureNeighbours().min_gain) == (0.25, 999, 0.1)
     for cls, params, match in [
         (FeatureNeighbours, {"k": 0}, "k must be >= 1"),
         (FeatureNeighbours, {"min_gain": 1.5}, r"min_gain must be in \[-1, 1\]"),
         (FeatureNeighbours, {"queries": -1}, "queries must be >= 0"),
-        (ClassSeparation, {"min_accuracy": 1.2}, r"min_accuracy must be in \[0, 1\]"),
+        (ClassSeparation, {"min_kappa": 1.2}, r"min_kappa must be in \[0, 1\]"),
+        (ClassSeparation, {"min_accuracy": 0.6}, "unknown parameter"),
+        (ClassSeparation, {"permutations": 50}, r"permutations = 50 cannot reach alpha = 0.01.*at least 99"),
+        (ClassSeparation, {"alpha": 0.5}, "alpha must be a significance level"),
+        (FeatureNeighbours, {"alpha": 0.0}, "alpha must be a significance level"),
         (ClassSeparation, {"perplexity": 0}, "perplexity must be > 0"),
         (ClassSeparation, {"neighbours": 3}, "unknown parameter"),
     ]:
@@ -349,8 +370,9 @@ def test_checks_error_on_a_bad_layer_and_on_too_few_images():
         one_class = AuditSet([Sample(img, 0, (), f"s{i}") for i, img in enumerate(_images())], ["a", "b"], name="one")
         for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):  # agreement would be trivially 1
             result = check.execute(subject, one_class)
-            assert result.status is Status.FAILED, result.summary()
+            assert result.status is Status.INCONCLUSIVE, result.summary()  # the data cannot decide
             assert "needs at least 2 classes, the audit set has 1" in result.message
+            assert result.decision["status"] == "inconclusive" and result.value is None and result.evidence == []
     _assert_unchanged(module, before)
 
 
@@ -360,7 +382,9 @@ def test_class_names_are_escaped_in_the_evidence():
         result = ClassSeparation(k=1, layer="conv").execute(subject, _toy_set(names))
         # layer="conv": the penultimate features of TwoHeads differ in length only (one non-zero ReLU unit)
         grid = FeatureNeighbours(k=1, queries=2, layer="conv").execute(subject, _toy_set(names))
-    assert result.status in (Status.PASSED, Status.FAILED), result.message
+    # 4 + 4 labels have C(8, 4) = 70 arrangements: no permutation test can reach alpha 0.01, evidence is drawn
+    assert result.status is Status.INCONCLUSIVE and "only 70 distinct arrangements" in result.message
+    assert result.decision["needed"] == 9  # C(9, 4) = 126 >= 100
     for evidence in result.evidence:
         svg = evidence.data.decode()
         assert "<b>" not in svg and "<script>" not in svg
@@ -501,3 +525,136 @@ def test_zeroed_demo_does_not_kill_the_run():
     assert len(lines) == 2
     for line in lines:
         assert ": FAILED" in line and "the penultimate features are the same for every image" in line
+
+
+# -- decisions against a control measured in the same run (issue 14) ----------------------------------
+
+
+def _two_blobs(n_per: int = 30, seed: int = 0) -> torch.Tensor:
+    """Two tight clusters far apart on a plane: the first n_per points at (0, 0), the others at (10, 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    points = torch.randn(2 * n_per, 2, generator=gen, dtype=torch.float64) * 0.1
+    points[n_per:, 0] += 10.0
+    return points
+
+
+def test_class_separation_permutation_test_clustered_labels_pass_with_kappa_one():
+    names = ["a", "b"]
+    labels = torch.tensor([0] * 30 + [1] * 30)
+    decision, correct, _ = ClassSeparation()._decide(_two_blobs(), labels, names)
+    assert bool(correct.all()) and decision.value == 1.0
+    assert decision.status is Status.PASSED, decision.reason
+    assert decision.effect == 1.0  # (1 - chance) / (1 - chance)
+    assert decision.p_value == pytest.approx(1 / 1000)  # no permutation beats all-correct: (0 + 1) / (999 + 1)
+    # the interval: Clopper-Pearson of 60 of 60 at 98 %, mapped to kappa with chance fixed
+    from scipy import stats
+    low = stats.binomtest(60, 60).proportion_ci(confidence_level=0.98, method="exact").low
+    assert decision.ci == pytest.approx(((low - decision.control) / (1 - decision.control), 1.0))
+    assert 0.3 < decision.control < 0.7  # two balanced classes: a permuted label is right about half the time
+    assert [(g["class"], g["n"], g["model_wins"], g["effect"]) for g in decision.by_class] == [("a", 30, 30, 1.0),
+                                                                                             ("b", 30, 30, 1.0)]
+    assert "permutation test" in decision.rule and decision.effect_kind == "difference"
+
+
+def test_class_separation_permutation_test_random_labels_fail():
+    """Labels drawn independently of the map: accuracy near chance (kappa sd about 0.05 on 400 points)."""
+    labels = torch.randperm(400, generator=torch.Generator().manual_seed(3)) % 2
+    decision, _, _ = ClassSeparation()._decide(_two_blobs(200), labels, ["a", "b"])
+    assert decision.status is Status.FAILED, decision
+    assert decision.p_value > 0.01 and decision.effect < 0.25
+    assert "not better than chance" in decision.reason and "below the minimum 0.25" in decision.reason
+
+
+def test_class_separation_exact_permutation_test_closed_form():
+    """6 points, 3 + 3 labels: 720 <= 999 orderings, so scipy enumerates them all. With k = 1 only the observed
+    labelling and its swap are all right: p = 2 of the C(6, 3) = 20 arrangements = 0.1; chance = the mean
+    accuracy over the 20 arrangements."""
+    import itertools
+
+    points = torch.tensor([[0.0, 0], [1, 0], [2, 0], [10, 0], [11, 0], [12, 0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    accuracies = []
+    for ones in itertools.combinations(range(6), 3):
+        y = torch.zeros(6, dtype=torch.long)
+        y[list(ones)] = 1
+        accuracies.append(em.knn_accuracy(points, y, 1))
+    assert sum(a == 1.0 for a in accuracies) == 2
+    check = ClassSeparation(k=1, alpha=0.2, permutations=999)
+    decision, _, _ = check._decide(points, labels, ["a", "b"])
+    assert decision.p_value == pytest.approx(0.1)
+    assert decision.control == pytest.approx(np.mean(accuracies))
+    assert decision.status is Status.PASSED and decision.effect == 1.0
+    # at alpha 0.01 the 20 arrangements cannot decide: the smallest p-value is 1 / 20
+    strict, _, _ = ClassSeparation(k=1)._decide(points, labels, ["a", "b"])
+    assert strict.status is Status.INCONCLUSIVE and "only 20 distinct arrangements" in strict.reason
+    assert strict.p_value == pytest.approx(0.1) and strict.needed == 9
+
+
+def test_label_arrangements_and_images_needed_closed_form():
+    assert _arrangements([4, 4], 10 ** 6) == 70 and _arrangements([3, 2, 1], 10 ** 6) == 60  # 6! / (3! 2! 1!)
+    assert _arrangements([30, 30], 100) > 100  # stops once the cap is passed
+    assert _needed_images(2, 0.01) == 9  # C(8, 4) = 70 < 100 <= C(9, 4) = 126
+    assert _needed_images(5, 0.01) == 5  # 5! = 120
+    assert _needed_images(2, 0.05) == 6  # C(6, 3) = 20 = 1 / 0.05: the smallest p-value reaches alpha
+
+
+class Tinted(nn.Module):
+    """Layer `means` = the channel means of the image (which carry the class tint); layer `detail` = the image
+    minus its channel means (the noise alone); the logits come from the means."""
+
+    def __init__(self):
+        super().__init__()
+        self.means = _ChannelMeans()
+        self.detail = _Detail()
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.detail(x)
+        return self.head(self.means(x))
+
+
+class _ChannelMeans(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+class _Detail(nn.Module):
+    def forward(self, x):
+        return x - x.mean(dim=(2, 3), keepdim=True)
+
+
+def _tinted_set(n: int = 24) -> AuditSet:
+    """Noise in [0, 0.9] plus a tint of 0.1 in the red (label 0) or green (label 1) channel: the pixels'
+    distances are the noise's, the channel means the tint's."""
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(n):
+        img = torch.rand(3, 8, 8, generator=gen) * 0.9
+        img[i % 2] += 0.1
+        samples.append(Sample(img, i % 2, (), f"s{i}"))
+    return AuditSet(samples, ["red", "green"], name="tinted")
+
+
+@pytest.mark.parametrize("layer, status", [("means", Status.PASSED), ("detail", Status.FAILED)])
+def test_feature_neighbours_decides_per_query_against_pixel_space(layer, status):
+    data = _tinted_set()
+    spec = ModelSpec(module=Tinted(), class_names=["red", "green"], input_size=(8, 8), layers=["means", "detail"],
+                     name="tinted")
+    with Subject(spec, device="cpu") as subject:
+        result = FeatureNeighbours(layer=layer, queries=0).execute(subject, data)
+        feats = em.unit_rows(em.features(subject, data.images(), layer))
+    labels = data.labels()
+    pix = em.neighbour_agreement(em.unit_rows(data.images()), labels, 5)
+    feat = em.neighbour_agreement(feats, labels, 5)
+    expected = decide(feat.tolist(), pix.tolist(), effect="difference", min_effect=0.1, alpha=0.01,
+                      groups=["red" if int(y) == 0 else "green" for y in labels],
+                      value_label="feature-space agreement", control_label="pixel-space agreement")
+    assert result.status is status is expected.status, result.summary()
+    d = result.decision
+    assert d["effect"] == pytest.approx(float((feat - pix).mean())) == pytest.approx(expected.effect)
+    assert d["p_value"] == pytest.approx(expected.p_value) and d["ci"] == pytest.approx(list(expected.ci))
+    assert d["n"] == 24 and [g["class"] for g in d["by_class"]] == ["red", "green"]
+    if layer == "means":  # the tint decides the neighbours in feature space, the noise in pixel space
+        assert d["value"] > 0.85 and d["control"] < 0.7 and d["p_value"] < 0.01 and d["ci"][0] >= 0.1
+    else:  # the noise alone: no better than the pixels
+        assert d["effect"] < 0.1

@@ -6,21 +6,36 @@ distances between unit-L2 rows (methods.embedding.unit_rows: Euclidean
 distance of unit rows is monotone in cosine similarity, so an image's
 brightness or a feature vector's scale does not decide its neighbours).
 
-Neither can pass on an audit set of one class (every neighbour would share the label) or on features
-that are the same for every image (there is nothing to embed, and scikit-learn's t-SNE segfaults on
-identical points): both are FAILED with the reason, found before any k-NN, PCA or t-SNE runs.
-Non-finite features are an ERROR naming the layer and the samples.
+Both decide against a control measured in the same run (checks.decision): feature-neighbours per query
+against the same query's pixel-space neighbours, class-separation against its own labels permuted over
+the same map. An audit set of one class cannot decide (every neighbour would share the label): it is
+INCONCLUSIVE with the reason ("needs at least 2 classes"). Features that are the same for every image
+are the model's fault: FAILED with the reason (there is nothing to embed, and scikit-learn's t-SNE
+segfaults on identical points). Both are found before any k-NN, PCA or t-SNE runs. Non-finite features
+are an ERROR naming the layer and the samples.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 
 from auditkit import evidence as ev
-from auditkit.checks.base import Check, CheckConfigError, CheckResult, Status, require_at_least, require_unit
+from auditkit.checks.base import (
+    Check,
+    CheckConfigError,
+    CheckResult,
+    Status,
+    require_alpha,
+    require_at_least,
+    require_unit,
+)
+from auditkit.checks.decision import ALPHA, Decision, decide
 from auditkit.methods import embedding as em
 from auditkit.methods.features import rows_all_equal
 from auditkit.methods.numerics import require_finite
@@ -80,10 +95,12 @@ def _require_neighbours(check: Check, audit_set, labels: torch.Tensor) -> str:
     return ""
 
 
-def _cannot_pass(check: Check, metric: str, threshold: float, why: str, **details) -> CheckResult:
-    """FAILED with the reason and no value: what the check needs is not there, so it cannot pass."""
-    return CheckResult(check=check.name, kind=check.kind, status=Status.FAILED, metric=metric, value=None,
-                       threshold=float(threshold), message=why, details=details)
+def _unjudged(check: Check, decision: Decision, metric: str, status: Status, why: str, **details) -> CheckResult:
+    """A result with no measured value: `decision` with `status` and the reason `why` (INCONCLUSIVE when the
+    audit set cannot decide, FAILED when the model gives nothing to embed)."""
+    result = check.decided(dataclasses.replace(decision, status=status, reason=why), metric=metric, details=details)
+    result.value = None
+    return result
 
 
 def _chance_agreement(labels: torch.Tensor) -> float:
@@ -122,47 +139,66 @@ class FeatureNeighbours(Check):
     """The k nearest neighbours of an image should share its label more often in feature space than in
     pixel space.
 
-    agreement(Z) = (1 / N) sum_i (1 / k) #{j in kNN_Z(i) : y_j = y_i}, leave-one-out, Euclidean distance
-    of unit-L2 rows of Z. Z = pixels (flattened) or features (penultimate, or `layer`). The check passes
-    when agreement(features) - agreement(pixels) >= min_gain.
+    Per query i (leave-one-out, Euclidean distance of unit-L2 rows of Z):
+        agreement_Z(i) = (1 / k) #{j in kNN_Z(i) : y_j = y_i},  Z = features (penultimate, or `layer`) or pixels
+    Decision (checks.decision, effect "difference"; the control is the same query in pixel space):
+    passes when mean_i(agreement_features(i) - agreement_pixels(i)) >= min_gain and a one-sided Wilcoxon
+    signed-rank test of the differences > 0 gives p <= alpha; INCONCLUSIVE below the queries the test
+    needs (7 at alpha 0.01) or on an audit set of one class.
+
+    min_gain = 0.1 (the same for every model): one neighbour in ten more carries the query's label, half
+    a neighbour of the default k = 5; agreement is a share in [0, 1], so the minimum does not depend on the
+    scale of the features or the pixels.
     """
 
     kind = "feature-neighbours"
     title = "Feature-space neighbours share the label"
     description = (
-        "agreement(Z) = mean over images of the share of its k nearest other images (Euclidean distance of "
-        "unit-L2 rows of Z) that carry its label. Z = flattened pixels or the model's features (the input "
-        "of its final linear layer, or the output of `layer`). Passes when agreement(features) - "
-        "agreement(pixels) >= min_gain."
+        "agreement_Z(i) = share of the k nearest other images of image i (Euclidean distance of unit-L2 rows "
+        "of Z) that carry its label; Z = flattened pixels or the model's features (the input of its final "
+        "linear layer, or the output of `layer`). Passes when mean_i(agreement_features(i) - "
+        "agreement_pixels(i)) >= min_gain and a one-sided Wilcoxon signed-rank test of the per-image "
+        "differences > 0 gives p <= alpha (pixel space is the control). INCONCLUSIVE with fewer images "
+        "than the test needs or one class."
     )
 
     k: int = 5
-    min_gain: float = 0.25
+    min_gain: float = 0.1
+    alpha: float = ALPHA
     layer: str = ""
     queries: int = 4
+    seed: int = 0
 
     def validate(self) -> None:
         _validate_k(self)
         if not (math.isfinite(self.min_gain) and -1.0 <= self.min_gain <= 1.0):
             raise CheckConfigError(f"check {self.name!r}: min_gain must be in [-1, 1], got {self.min_gain}")
+        require_alpha(self)
         require_at_least(self, queries=0)
+
+    def _decide(self, feat_share, pix_share, groups, why: str = "") -> Decision:
+        return decide(feat_share, pix_share, effect="difference", min_effect=self.min_gain, alpha=self.alpha,
+                      seed=self.seed, groups=groups, value_label="feature-space agreement",
+                      control_label="pixel-space agreement", inconclusive=why)
 
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
         n, names = len(audit_set), list(audit_set.class_names)
-        metric = "k-NN label agreement: features - pixels"
+        metric = "mean k-NN label agreement gain: features - pixels"
         why = _require_neighbours(self, audit_set, labels)
         if why:
-            return _cannot_pass(self, metric, self.min_gain, why, k=self.k)
+            return _unjudged(self, self._decide([], [], []), metric, Status.INCONCLUSIVE, why, k=self.k)
         where, feats, why = _embedding(subject, audit_set, images, self.layer)
         if why:
-            return _cannot_pass(self, metric, self.min_gain, why, features=where, k=self.k)
+            return _unjudged(self, self._decide([], [], []), metric, Status.FAILED, why, features=where, k=self.k)
         pixels = em.unit_rows(images)
         pix_share = em.neighbour_agreement(pixels, labels, self.k)
         feat_share = em.neighbour_agreement(feats, labels, self.k)
         pix, feat = float(pix_share.mean()), float(feat_share.mean())
         gain = feat - pix
         chance = _chance_agreement(labels)
+        class_of = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels]
+        decision = self._decide(feat_share.tolist(), pix_share.tolist(), class_of)
 
         rows = []
         for c, cname in enumerate(names):
@@ -171,8 +207,8 @@ class FeatureNeighbours(Check):
                 p, f = float(pix_share[mask].mean()), float(feat_share[mask].mean())
                 rows.append({"class": cname, "samples": int(mask.sum()), "pixel_agreement": p,
                              "feature_agreement": f, "gain": f - p})
-        result = self.result(
-            metric=metric, value=gain, threshold=self.min_gain, rows=rows,
+        result = self.decided(
+            decision, metric=metric, rows=rows,
             columns=["class", "samples", "pixel_agreement", "feature_agreement", "gain"],
             message=(f"{n} images, k = {self.k}, features = {where}; label agreement of the nearest neighbours "
                      f"{feat:.3f} in feature space vs {pix:.3f} in pixel space (gain {gain:+.3f}; random "
@@ -212,13 +248,70 @@ class FeatureNeighbours(Check):
             f"frame and (x): another label.")
 
 
+def _arrangements(counts, cap: int) -> int:
+    """n! / prod_c n_c!, the number of distinct ways to lay these labels on n images (exact integers: the
+    product over classes of C(n_1 + ... + n_c, n_c)), or the first partial product above `cap`."""
+    total, placed = 1, 0
+    for count in counts:
+        placed += int(count)
+        total *= math.comb(placed, int(count))
+        if total > cap:
+            return total
+    return total
+
+
+def _needed_images(classes: int, alpha: float) -> int:
+    """The fewest images, spread as evenly as possible over `classes` classes, whose distinct label
+    arrangements reach 1 / alpha (the smallest p-value of a permutation test is 1 / arrangements)."""
+    target = math.ceil(1.0 / alpha - 1e-9)
+    n = max(2, classes)
+    while _arrangements([n // classes + (c < n % classes) for c in range(classes)], target) < target:
+        n += 1
+    return n
+
+
+class _PermutedAccuracy:
+    """The permutation test's statistic: leave-one-out k-NN accuracy of labels y (N, or B x N for a batch of
+    permutations) on the fixed neighbours `idx` (N x k); the batches also add up each class's accuracy, for
+    its chance level."""
+
+    def __init__(self, idx: torch.Tensor, classes: int):
+        self.idx, self.classes = idx, classes
+        self.class_sums = torch.zeros(classes, dtype=torch.float64)
+        self.permutations = 0
+
+    def __call__(self, y, axis: int = -1) -> np.ndarray:
+        labels = torch.as_tensor(np.array(y, dtype=np.int64))
+        correct = em.knn_vote(labels[..., self.idx], self.classes) == labels
+        if labels.ndim == 2:  # a batch of permutations (scipy passes the observed labels alone, as N)
+            hits = F.one_hot(labels, self.classes).double()  # B x N x C
+            self.class_sums += ((hits * correct[..., None]).sum(1) / hits.sum(1).clamp_min(1)).sum(0)
+            self.permutations += labels.shape[0]
+        return correct.double().mean(dim=-1).numpy()
+
+
+def _kappa(accuracy, chance: float):
+    """(accuracy - chance) / (1 - chance): 0 at chance, 1 when every image is right; NaN when chance is 1."""
+    return (accuracy - chance) / (1.0 - chance) if chance < 1.0 else math.nan
+
+
 @dataclass
 class ClassSeparation(Check):
-    """Classes should form separate clusters in a 2-D t-SNE map of the model's features.
+    """Classes should form separate clusters in a 2-D t-SNE map of the model's features, beyond chance.
 
-    The features (penultimate, or `layer`; unit-L2 rows) are mapped to 2-D by t-SNE
-    (scikit-learn, perplexity min(perplexity, (N - 1) / 3), random_state = seed); value = the
-    leave-one-out k-NN majority-vote accuracy in that map. Passes when it is >= min_accuracy.
+    The features (penultimate, or `layer`; unit-L2 rows) are mapped to 2-D by t-SNE (scikit-learn,
+    perplexity min(perplexity, (N - 1) / 3), random_state = seed). accuracy = the leave-one-out k-NN
+    majority-vote accuracy of the labels in that map; the control is the same statistic on the same map
+    with the labels permuted (scipy.stats.permutation_test, `permutations` seeded resamples, one-sided
+    "greater"; exact over all orderings when they are fewer); chance = its mean over the permutations.
+
+        kappa = (accuracy - chance) / (1 - chance)       (scale-free: 0 at chance, 1 when all are right)
+
+    Passes when p <= alpha and kappa >= min_kappa; FAILED otherwise. Interval: the two-sided 1 - 2 alpha
+    Clopper-Pearson interval of the accuracy (correct images of N), mapped to kappa with chance fixed.
+    INCONCLUSIVE when the labels have fewer distinct arrangements N! / prod_c N_c! than 1 / alpha (the
+    smallest p-value is one over them), or on one class. min_kappa = 0.25 for every model: a quarter of
+    the way from chance to perfect ("fair" agreement on Landis and Koch's scale of kappa starts at 0.21).
     Evidence: PCA and t-SNE scatter plots coloured by class.
     """
 
@@ -226,37 +319,112 @@ class ClassSeparation(Check):
     title = "Classes separate in a t-SNE map of the features"
     description = (
         "t-SNE (scikit-learn, perplexity min(perplexity, (N - 1) / 3), fixed seed) of the model's features "
-        "(unit-L2 rows of the input of its final linear layer, or of `layer`'s output) to 2-D; value = "
-        "leave-one-out k-NN majority-vote accuracy of the class labels in that map. Passes when >= min_accuracy."
+        "(unit-L2 rows of the input of its final linear layer, or of `layer`'s output) to 2-D; accuracy = "
+        "leave-one-out k-NN majority-vote accuracy of the class labels in that map, chance = the same with "
+        "the labels permuted over the map (mean of the permutations). Passes when kappa = (accuracy - "
+        "chance) / (1 - chance) >= min_kappa and a one-sided permutation test (scipy.stats.permutation_test) "
+        "gives p <= alpha. INCONCLUSIVE when the labels have fewer distinct arrangements than 1 / alpha, or "
+        "one class."
     )
 
     k: int = 5
-    min_accuracy: float = 0.6
+    min_kappa: float = 0.25
+    alpha: float = ALPHA
     perplexity: float = 30.0
     layer: str = ""
+    permutations: int = 999
     seed: int = 0
 
     def validate(self) -> None:
         _validate_k(self)
-        require_unit(self, "min_accuracy")
+        require_unit(self, "min_kappa")
+        require_alpha(self)
         if not (math.isfinite(self.perplexity) and self.perplexity > 0):
             raise CheckConfigError(f"check {self.name!r}: perplexity must be > 0, got {self.perplexity}")
+        floor = math.ceil(1.0 / self.alpha - 1e-9) - 1
+        if self.permutations < floor:
+            raise CheckConfigError(
+                f"check {self.name!r}: permutations = {self.permutations} cannot reach alpha = {self.alpha:g} "
+                f"(the smallest p-value of R permutations is 1 / (R + 1)); use at least {floor}")
+
+    def _rule(self) -> str:
+        return (f"passes when kappa = (accuracy - chance) / (1 - chance) >= {self.min_kappa:g}, with accuracy the "
+                f"leave-one-out {self.k}-NN accuracy in the t-SNE map and chance its mean over {self.permutations} "
+                f"permutations of the labels on the same map, and a one-sided permutation test "
+                f"(scipy.stats.permutation_test) gives p <= {self.alpha:g}; interval: Clopper-Pearson of the "
+                f"accuracy, mapped to kappa")
+
+    _LABELS = {"value": "k-NN accuracy in the t-SNE map", "control": "with the labels permuted (chance)"}
+
+    def _unjudged(self, status: Status, why: str, n: int, classes: int, metric: str, **details) -> CheckResult:
+        decision = Decision(status=status, rule=self._rule(), effect_kind="difference", n=n, effect=math.nan,
+                            ci=(math.nan, math.nan), p_value=math.nan, alpha=self.alpha, min_effect=self.min_kappa,
+                            value=math.nan, control=math.nan, reason=why,
+                            needed=_needed_images(max(2, classes), self.alpha), labels=dict(self._LABELS))
+        return _unjudged(self, decision, metric, status, why, **details)
+
+    def _decide(self, tsne, labels, names):
+        """The permutation test of the k-NN accuracy in the map (class docstring) as a Decision, and the
+        per-class (accuracy, chance) for the table."""
+        n, classes = labels.shape[0], max(len(names), int(labels.max()) + 1)
+        present = labels.bincount(minlength=classes)
+        idx = em.knn_indices(tsne, self.k)
+        statistic = _PermutedAccuracy(idx, classes)
+        batch = max(1, min(self.permutations, 2 ** 22 // max(1, n * self.k * classes)))
+        res = stats.permutation_test((labels.numpy(),), statistic, permutation_type="pairings", vectorized=True,
+                                     n_resamples=self.permutations, batch=batch, alternative="greater",
+                                     rng=np.random.default_rng(self.seed))
+        accuracy, p = float(res.statistic), float(res.pvalue)
+        chance = float(np.mean(res.null_distribution))
+        correct_per_image = em.knn_vote(labels[idx], classes) == labels  # the observed statistic, per image
+        correct = int(correct_per_image.sum())
+        ci = stats.binomtest(correct, n).proportion_ci(confidence_level=1 - 2 * self.alpha, method="exact")
+        kappa = _kappa(accuracy, chance)
+        class_chance = (statistic.class_sums / max(1, statistic.permutations)).tolist()
+        by_class = []
+        for c, cname in enumerate(names):
+            mask = labels == c
+            if mask.any():
+                acc_c = float(correct_per_image[mask].double().mean())
+                by_class.append({"class": cname, "n": int(mask.sum()), "value": acc_c, "control": class_chance[c],
+                                 "effect": _kappa(acc_c, class_chance[c]), "model_wins": int(correct_per_image[mask].sum())})
+        arrangements = _arrangements(present.tolist(), math.ceil(1.0 / self.alpha))
+        reasons = []
+        if arrangements * self.alpha < 1.0:
+            status = Status.INCONCLUSIVE
+            counts = " + ".join(str(int(c)) for c in present if c > 0)
+            reasons.append(f"the labels of these {n} images ({counts} per class) have only {arrangements} distinct "
+                           f"arrangements, so the smallest p-value of a permutation test is 1 / {arrangements} = "
+                           f"{1 / arrangements:.3g} > alpha {self.alpha:g}")
+        else:
+            if not kappa >= self.min_kappa:
+                reasons.append(f"kappa {kappa:.3g} below the minimum {self.min_kappa:.3g}")
+            if not p <= self.alpha:
+                reasons.append(f"not better than chance, p = {p:.2g} > alpha {self.alpha:g}")
+            status = Status.FAILED if reasons else Status.PASSED
+        decision = Decision(status=status, rule=self._rule(), effect_kind="difference", n=n, effect=kappa,
+                            ci=(_kappa(float(ci.low), chance), _kappa(float(ci.high), chance)), p_value=p,
+                            alpha=self.alpha, min_effect=self.min_kappa, value=accuracy, control=chance,
+                            reason="; ".join(reasons), needed=_needed_images(int((present > 0).sum()), self.alpha),
+                            by_class=by_class, labels=dict(self._LABELS))
+        return decision, correct_per_image, class_chance
 
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
         n, names = len(audit_set), list(audit_set.class_names)
-        metric = "k-NN accuracy in the t-SNE map"
+        classes = int(labels.unique().numel())
+        metric = "kappa of the k-NN accuracy in the t-SNE map over chance"
         why = _require_neighbours(self, audit_set, labels)
         if why:
-            return _cannot_pass(self, metric, self.min_accuracy, why, k=self.k)
+            return self._unjudged(Status.INCONCLUSIVE, why, n, classes, metric, k=self.k)
         perplexity = em.effective_perplexity(self.perplexity, n)
         where, feats, why = _embedding(subject, audit_set, images, self.layer)
         if why:
-            return _cannot_pass(self, metric, self.min_accuracy, why, features=where, k=self.k)
+            return self._unjudged(Status.FAILED, why, n, classes, metric, features=where, k=self.k)
         tsne = em.tsne_2d(feats, perplexity, self.seed)
         pca, ratio = em.pca_2d(feats)
-        correct = em.knn_predict(tsne, labels, self.k) == labels
-        accuracy = float(correct.double().mean())
+        decision, correct, class_chance = self._decide(tsne, labels, names)
+        accuracy = decision.value
         feat_correct = em.knn_predict(feats, labels, self.k) == labels
         feature_accuracy = float(feat_correct.double().mean())
         pca_accuracy = em.knn_accuracy(pca, labels, self.k)
@@ -267,14 +435,17 @@ class ClassSeparation(Check):
             if mask.any():
                 rows.append({"class": cname, "samples": int(mask.sum()),
                              "tsne_knn_accuracy": float(correct[mask].double().mean()),
+                             "chance_permuted": class_chance[c],
                              "feature_knn_accuracy": float(feat_correct[mask].double().mean())})
-        result = self.result(
-            metric=metric, value=accuracy, threshold=self.min_accuracy, rows=rows,
-            columns=["class", "samples", "tsne_knn_accuracy", "feature_knn_accuracy"],
+        result = self.decided(
+            decision, metric=metric, rows=rows,
+            columns=["class", "samples", "tsne_knn_accuracy", "chance_permuted", "feature_knn_accuracy"],
             message=(f"{n} images, k = {self.k}, features = {where}, perplexity {perplexity:.3g}; k-NN accuracy "
-                     f"{accuracy:.3f} in the t-SNE map, {pca_accuracy:.3f} in the PCA map, {feature_accuracy:.3f} "
-                     f"in the full feature space"),
+                     f"{accuracy:.3f} in the t-SNE map against {decision.control:.3f} with the labels permuted "
+                     f"({self.permutations} permutations); {pca_accuracy:.3f} in the PCA map, "
+                     f"{feature_accuracy:.3f} in the full feature space (shown, not judged)"),
             details={"features": where, "perplexity": perplexity, "seed": self.seed, "k": self.k,
+                     "tsne_knn_accuracy": accuracy, "chance_accuracy": decision.control,
                      "feature_knn_accuracy": feature_accuracy, "pca_knn_accuracy": pca_accuracy,
                      "pca_explained_variance": [float(r) for r in ratio]},
         )

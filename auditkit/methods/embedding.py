@@ -9,7 +9,7 @@
   neighbours do not depend on an image's overall brightness or feature scale.
   The checks apply it to pixels and features alike before any distance.
 - ``knn_indices`` / ``neighbour_agreement`` / ``knn_agreement`` /
-  ``knn_predict`` / ``knn_accuracy``: leave-one-out k nearest neighbours by
+  ``knn_vote`` / ``knn_predict`` / ``knn_accuracy``: leave-one-out k nearest neighbours by
   Euclidean distance of the rows given (a point is never its own neighbour;
   equal distances are ordered by the lower index).
 - ``pca_2d``: the projection of the centred rows on their first two principal axes.
@@ -35,6 +35,7 @@ __all__ = [
     "knn_agreement",
     "knn_indices",
     "knn_predict",
+    "knn_vote",
     "neighbour_agreement",
     "pca_2d",
     "penultimate_features",
@@ -176,25 +177,29 @@ def knn_agreement(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     return float(neighbour_agreement(x, labels, k).mean())
 
 
-def knn_predict(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """N int64: the majority label among each row's k nearest other rows (leave-one-out).
+def knn_vote(votes: torch.Tensor, classes: int) -> torch.Tensor:
+    """The majority label of each row of `votes` (... x k labels, nearest first): ... int64.
 
-    Ties between labels with the same count go to the label whose nearest
-    member is nearer (the earlier one in knn_indices order), so the vote is
-    deterministic: score_c = count_c * (k + 1) + (k - first rank of c), which
-    orders by count first and by first rank among equal counts.
+    Ties between labels with the same count go to the label whose nearest member is nearer (the earlier
+    one in the row), so the vote is deterministic: score_c = count_c * (k + 1) + (k - first rank of c),
+    which orders by count first and by first rank among equal counts. Leading dimensions are kept, so
+    a batch of relabellings (B x N x k) is voted at once.
     """
+    votes = torch.as_tensor(votes).long()
+    k = votes.shape[-1]
+    hit = F.one_hot(votes, classes)  # ... x k x C
+    count = hit.sum(dim=-2)
+    rank = torch.arange(k).view(k, 1).expand_as(hit)
+    first = torch.where(hit.bool(), rank, torch.full_like(rank, k)).amin(dim=-2)  # k where absent
+    return (count * (k + 1) + (k - first)).argmax(dim=-1)
+
+
+def knn_predict(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """N int64: the majority label among each row's k nearest other rows (leave-one-out), by knn_vote
+    (ties between labels with the same count go to the label whose nearest member is nearer)."""
     labels = torch.as_tensor(labels).long().cpu()
     _check_knn(x, k, labels)
-    idx = knn_indices(x, k)
-    votes = labels[idx]  # N x k, nearest first
-    classes = int(labels.max()) + 1
-    hit = F.one_hot(votes, classes)  # N x k x C
-    count = hit.sum(dim=1)
-    rank = torch.arange(k).view(1, k, 1).expand_as(hit)
-    first = torch.where(hit.bool(), rank, torch.full_like(rank, k)).amin(dim=1)  # k where absent
-    score = count * (k + 1) + (k - first)
-    return score.argmax(dim=1)
+    return knn_vote(labels[knn_indices(x, k)], int(labels.max()) + 1)
 
 
 def knn_accuracy(x: torch.Tensor, labels: torch.Tensor, k: int) -> float:
