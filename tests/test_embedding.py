@@ -358,15 +358,28 @@ def _toy_set(names=("a", "b")):
     return AuditSet([Sample(images[i], i % 2, (), f"s{i}") for i in range(8)], list(names), name="toyset")
 
 
-def test_checks_error_on_a_bad_layer_and_on_too_few_images():
+def test_checks_error_on_a_bad_layer_and_cannot_decide_on_too_few_images():
     module = TwoHeads()
     before = _state(module)
     with Subject(_toy_spec(module), device="cpu") as subject:
         for check in (FeatureNeighbours(layer="nope"), ClassSeparation(layer="nope")):
             result = check.execute(subject, _toy_set())
             assert result.status is Status.ERROR and "no layer 'nope'" in result.message
-        result = FeatureNeighbours(k=8).execute(subject, _toy_set())
-        assert result.status is Status.ERROR and "k = 8 needs at least k + 1 = 9 audit images" in result.message
+        for check in (FeatureNeighbours(k=8), ClassSeparation(k=8)):  # the data cannot support k: not a crash
+            result = check.execute(subject, _toy_set())
+            assert result.status is Status.INCONCLUSIVE, result.summary()
+            assert "k = 8 nearest neighbours need at least 9 audit images, audit set 'toyset' has 8" in result.message
+        tiny = AuditSet([Sample(img, i % 2, (), f"s{i}") for i, img in enumerate(_images(n=3))], ["a", "b"],
+                        name="tiny")
+        result = ClassSeparation(k=1).execute(subject, tiny)  # t-SNE needs 4 points
+        assert result.status is Status.INCONCLUSIVE and "need at least 4 audit images" in result.message
+        # one image per class (the calibration's 4 photographs): no image has a neighbour of its own class
+        singles = AuditSet([Sample(img, i, (), f"s{i}") for i, img in enumerate(_images(n=4))], list("abcd"),
+                           name="singles")
+        for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):
+            result = check.execute(subject, singles)
+            assert result.status is Status.INCONCLUSIVE, result.summary()
+            assert "every class of audit set 'singles' has one image" in result.message
         one_class = AuditSet([Sample(img, 0, (), f"s{i}") for i, img in enumerate(_images())], ["a", "b"], name="one")
         for check in (FeatureNeighbours(k=1), ClassSeparation(k=1)):  # agreement would be trivially 1
             result = check.execute(subject, one_class)
@@ -602,11 +615,11 @@ class Tinted(nn.Module):
     """Layer `means` = the channel means of the image (which carry the class tint); layer `detail` = the image
     minus its channel means (the noise alone); the logits come from the means."""
 
-    def __init__(self):
+    def __init__(self, classes: int = 2):
         super().__init__()
         self.means = _ChannelMeans()
         self.detail = _Detail()
-        self.head = nn.Linear(3, 2)
+        self.head = nn.Linear(3, classes)
 
     def forward(self, x):
         self.detail(x)
@@ -658,3 +671,17 @@ def test_feature_neighbours_decides_per_query_against_pixel_space(layer, status)
         assert d["value"] > 0.85 and d["control"] < 0.7 and d["p_value"] < 0.01 and d["ci"][0] >= 0.1
     else:  # the noise alone: no better than the pixels
         assert d["effect"] < 0.1
+
+
+def test_a_query_alone_in_its_class_is_not_judged():
+    """Its agreement is 0 in both spaces whatever the model: a tie that would only pull towards FAILED."""
+    data = _tinted_set(24)
+    images = torch.stack([data[i].image for i in range(24)] + [data[0].image.flip(-1)])
+    lonely = AuditSet([Sample(images[i], i % 2 if i < 24 else 2, (), f"s{i}") for i in range(25)],
+                      ["red", "green", "lonely"], name="lonely")
+    spec = ModelSpec(module=Tinted(classes=3), class_names=["red", "green", "lonely"], input_size=(8, 8),
+                     layers=["means", "detail"], name="tinted")
+    with Subject(spec, device="cpu") as subject:
+        result = FeatureNeighbours(layer="means", queries=0).execute(subject, lonely)
+    assert result.decision["n"] == 24 and "1 image(s) alone in their class not judged" in result.message
+    assert [g["class"] for g in result.decision["by_class"]] == ["red", "green"]

@@ -8,8 +8,9 @@ brightness or a feature vector's scale does not decide its neighbours).
 
 Both decide against a control measured in the same run (checks.decision): feature-neighbours per query
 against the same query's pixel-space neighbours, class-separation against its own labels permuted over
-the same map. An audit set of one class cannot decide (every neighbour would share the label): it is
-INCONCLUSIVE with the reason ("needs at least 2 classes"). Features that are the same for every image
+the same map. An audit set that cannot decide is INCONCLUSIVE with the reason: one class ("needs at least
+2 classes": every neighbour would share the label), no more than k images, or no class with two images.
+Features that are the same for every image
 are the model's fault: FAILED with the reason (there is nothing to embed, and scikit-learn's t-SNE
 segfaults on identical points). Both are found before any k-NN, PCA or t-SNE runs. Non-finite features
 are an ERROR naming the layer and the samples.
@@ -78,20 +79,24 @@ def _validate_k(check: Check) -> None:
         raise CheckConfigError(f"check {check.name!r}: k must be >= 1, got {check.k}")
 
 
-def _require_neighbours(check: Check, audit_set, labels: torch.Tensor) -> str:
-    """Raise unless the set has more than k images; return why it cannot be judged ("" when it can):
-    an audit set of one class makes every neighbour share the label."""
+def _require_neighbours(check: Check, audit_set, labels: torch.Tensor, *, least: int = 0) -> str:
+    """Why the audit set cannot decide ("" when it can): one class (every neighbour shares the label),
+    no more than k images, fewer than `least`, or no class with two images (no image has a neighbour of its
+    own class in any space)."""
     n = labels.shape[0]
-    if check.k > n - 1:
-        raise ValueError(f"check {check.name!r}: k = {check.k} needs at least k + 1 = {check.k + 1} audit images, "
-                         f"audit set {audit_set.name!r} has {n}")
     present = labels.unique()
     if present.numel() < 2:
         names = list(audit_set.class_names)
         only = int(present[0]) if present.numel() else None
         label = names[only] if only is not None and only < len(names) else only
-        return (f"needs at least 2 classes, the audit set has 1: all {n} images of audit set {audit_set.name!r} "
-                f"are {label!r}, so every neighbour shares the label whatever the features")
+        return (f"needs at least 2 classes, the audit set has {present.numel()}: all {n} images of audit set "
+                f"{audit_set.name!r} are {label!r}, so every neighbour shares the label whatever the features")
+    if check.k > n - 1 or n < least:
+        return (f"k = {check.k} nearest neighbours need at least {max(check.k + 1, least)} audit images, audit set "
+                f"{audit_set.name!r} has {n}")
+    if int(labels.bincount().max()) < 2:
+        return (f"every class of audit set {audit_set.name!r} has one image ({n} images, {present.numel()} "
+                f"classes), so no image has a neighbour of its own class in any space")
     return ""
 
 
@@ -144,7 +149,8 @@ class FeatureNeighbours(Check):
     Decision (checks.decision, effect "difference"; the control is the same query in pixel space):
     passes when mean_i(agreement_features(i) - agreement_pixels(i)) >= min_gain and a one-sided Wilcoxon
     signed-rank test of the differences > 0 gives p <= alpha; INCONCLUSIVE below the queries the test
-    needs (7 at alpha 0.01) or on an audit set of one class.
+    needs (7 at alpha 0.01) or on an audit set of one class. A query alone in its class is not judged
+    (no neighbour can share its label in either space).
 
     min_gain = 0.1 (the same for every model): one neighbour in ten more carries the query's label, half
     a neighbour of the default k = 5; agreement is a share in [0, 1], so the minimum does not depend on the
@@ -159,7 +165,7 @@ class FeatureNeighbours(Check):
         "linear layer, or the output of `layer`). Passes when mean_i(agreement_features(i) - "
         "agreement_pixels(i)) >= min_gain and a one-sided Wilcoxon signed-rank test of the per-image "
         "differences > 0 gives p <= alpha (pixel space is the control). INCONCLUSIVE with fewer images "
-        "than the test needs or one class."
+        "than the test needs (a query alone in its class is not judged) or one class."
     )
 
     k: int = 5
@@ -198,7 +204,14 @@ class FeatureNeighbours(Check):
         gain = feat - pix
         chance = _chance_agreement(labels)
         class_of = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels]
-        decision = self._decide(feat_share.tolist(), pix_share.tolist(), class_of)
+        # a query alone in its class has no same-label neighbour in either space: 0 vs 0 says nothing
+        alone = labels.bincount()[labels] < 2
+        judged = torch.where(alone, torch.full_like(feat_share, math.nan), feat_share)
+        decision = self._decide(judged.tolist(), pix_share.tolist(), class_of)
+        notes = []
+        if alone.any():
+            notes.append(f"{int(alone.sum())} image(s) alone in their class not judged (no neighbour can share "
+                         f"their label)")
 
         rows = []
         for c, cname in enumerate(names):
@@ -210,9 +223,10 @@ class FeatureNeighbours(Check):
         result = self.decided(
             decision, metric=metric, rows=rows,
             columns=["class", "samples", "pixel_agreement", "feature_agreement", "gain"],
-            message=(f"{n} images, k = {self.k}, features = {where}; label agreement of the nearest neighbours "
-                     f"{feat:.3f} in feature space vs {pix:.3f} in pixel space (gain {gain:+.3f}; random "
-                     f"neighbours would give {chance:.3f})"),
+            message="; ".join(notes + [
+                f"{n} images, k = {self.k}, features = {where}; label agreement of the nearest neighbours "
+                f"{feat:.3f} in feature space vs {pix:.3f} in pixel space (gain {gain:+.3f}; random neighbours "
+                f"would give {chance:.3f})"]),
             details={"pixel_agreement": pix, "feature_agreement": feat, "chance_agreement": chance,
                      "features": where, "k": self.k},
         )
@@ -310,7 +324,7 @@ class ClassSeparation(Check):
     Passes when p <= alpha and kappa >= min_kappa; FAILED otherwise. Interval: the two-sided 1 - 2 alpha
     Clopper-Pearson interval of the accuracy (correct images of N), mapped to kappa with chance fixed.
     INCONCLUSIVE when the labels have fewer distinct arrangements N! / prod_c N_c! than 1 / alpha (the
-    smallest p-value is one over them), or on one class. min_kappa = 0.25 for every model: a quarter of
+    smallest p-value is one over them), on one class, or on fewer than max(k + 1, 4) images. min_kappa = 0.25 for every model: a quarter of
     the way from chance to perfect ("fair" agreement on Landis and Koch's scale of kappa starts at 0.21).
     Evidence: PCA and t-SNE scatter plots coloured by class.
     """
@@ -414,7 +428,7 @@ class ClassSeparation(Check):
         n, names = len(audit_set), list(audit_set.class_names)
         classes = int(labels.unique().numel())
         metric = "kappa of the k-NN accuracy in the t-SNE map over chance"
-        why = _require_neighbours(self, audit_set, labels)
+        why = _require_neighbours(self, audit_set, labels, least=4)  # t-SNE needs 4 points
         if why:
             return self._unjudged(Status.INCONCLUSIVE, why, n, classes, metric, k=self.k)
         perplexity = em.effective_perplexity(self.perplexity, n)
