@@ -143,6 +143,8 @@ class CheckResult:
         if self.status is Status.ERROR:
             return f"{self.check}: ERROR: {self.message}"
         line = f"{self.check}: {self.status.value.upper()}"
+        if self.decision and self.status is Status.INCONCLUSIVE:
+            return f"{line}: n = {self.decision.get('n')} judged; {self.message}"
         if self.decision:
             d = self.decision
             unit = "x" if d.get("effect_kind") == "ratio" else ""
