@@ -153,11 +153,11 @@ _RANDOM_SIDE = {
 ENTRIES: tuple[Entry, ...] = (
     # ---- good models, four families ---------------------------------------------------------------------
     Entry("good-plain-64", "plain", 64, "plain conv stack without BN, 64 px, objects 5-35 %",
-          train_task=SMALL_64, audit_task=SMALL_64, expect=good(), fast=True),
+          train_task=SMALL_64, audit_task=SMALL_64, n_train=5000, epochs=12, expect=good(), fast=True),
     Entry("good-resnet-96", "resnet", 96, "residual net, BN, in-place ReLU, 96 px, small objects 3-15 %",
-          train_task=SMALL_96, audit_task=SMALL_96, expect=good()),
+          train_task=SMALL_96, audit_task=SMALL_96, n_train=5000, epochs=14, lr=3e-3, expect=good()),
     Entry("good-mobile-128", "mobile", 128, "depthwise MobileNetV2-style, 128 px, objects 20-45 %",
-          train_task=MOBILE_TRAIN, audit_task=MID_128, n_train=3000, epochs=6, expect=good()),
+          train_task=MOBILE_TRAIN, audit_task=MID_128, n_train=3000, epochs=8, lr=3e-3, expect=good()),
     Entry("good-mobile-128-large", "mobile", 128, "the same model on large objects, 52-60 %",
           weights="good-mobile-128", train_task=MOBILE_TRAIN, audit_task=LARGE_128,
           expect=good(**{
@@ -170,7 +170,7 @@ ENTRIES: tuple[Entry, ...] = (
                                            "neighbours may agree more, but features agree far more"),
           })),
     Entry("good-vit-64", "vit", 64, "small vision transformer (8 px patches, 4 blocks), 64 px, objects 10-40 %",
-          train_task=VIT_64, audit_task=VIT_64, n_train=6000, epochs=12, lr=1e-3,
+          train_task=VIT_64, audit_task=VIT_64, n_train=6000, epochs=15, lr=1e-3,
           expect=good(**{
               "invariance-grows-with-depth": Expect("passed", "good", "no pooling, all grids 8 x 8; attention mixes "
                                                     "positions with depth, so later blocks should still be more "
@@ -256,7 +256,7 @@ ENTRIES: tuple[Entry, ...] = (
           audit_task=VIT_64, random=True, expect=flawed(_RANDOM_TARGETS, _RANDOM_SIDE)),
     Entry("flaw-dead-plain-64", "plain", 64, "plain stack with 50 % of stage2's and stage3's channels dead "
           "(zero weights, bias -1) from the start, then trained",
-          train_task=SMALL_64, audit_task=SMALL_64, kill=((2, 0.5), (3, 0.5)),
+          train_task=SMALL_64, audit_task=SMALL_64, kill=((2, 0.5), (3, 0.5)), n_train=5000, epochs=12,
           expect=flawed({"dead-units": "half of stage2's and stage3's channels never fire (> max_dead 10 %)"}, {
               c: ("passed", "the live half still learns the shapes") for c in
               ("occlusion-drop", "saliency-in-box", "feature-neighbours", "class-separation")
