@@ -14,6 +14,10 @@ recorded as curves too. The loop owns everything else:
 - Adam, with a cosine learning-rate schedule from `lr` down to `lr * final_lr_ratio` over `steps`. The
   small final rate makes the last steps settle, so a converged loss plateaus; whether the result is any
   good is judged on the objective's own error, not on the plateau;
+- `steps` is a budget: with `plateau` > 0 the loop stops early, at the first step t >= `window` at which
+  every image's total has settled, |L_i(t) - L_i(t - window)| <= plateau * |L_i(t - window)| (neither
+  still falling nor rising by more than `plateau`, relative, over the last `window` steps); the images
+  returned are those of step t, `settled_step` is t, and `steps` counts the evaluations run (t + 1);
 - optional jitter: at each step the objective sees the batch rolled by a random shift of up to `jitter`
   pixels in each direction (one shift for the whole batch, drawn from the seeded generator);
 - per-term, per-image loss curves (steps_done x N, on the CPU);
@@ -49,6 +53,8 @@ class OptimiseResult:
     diverged: torch.Tensor  # N bool: "total" became NaN / inf
     diverged_step: int | None  # the step at which the loop stopped, None if it ran to the end
     steps: int  # steps run (objective evaluations)
+    settled_step: int | None = None  # the step at which every image's loss had settled (plateau), None if none
+    budget: int = 0  # the steps allowed
 
 
 class _Stop(Exception):
@@ -123,11 +129,13 @@ class _Pixels:
 
 def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: float = 0.05,
              final_lr_ratio: float = 0.01, jitter: int = 0, parametrisation: Parametrisation = "sigmoid",
-             init_scale: float = 0.5, decay: float = 1.0, seed: int = 0,
+             init_scale: float = 0.5, decay: float = 1.0, seed: int = 0, plateau: float = 0.0, window: int = 10,
              device: str | torch.device = "cpu") -> OptimiseResult:
-    """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise.
+    """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise,
+    for at most `steps` steps; with `plateau` > 0, stop once every image's total changed by at most
+    `plateau` (relative) over the last `window` steps.
 
-    See the module doc for the parametrisation, schedule, jitter and divergence rules.
+    See the module doc for the parametrisation, schedule, early stop, jitter and divergence rules.
     """
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be N x C x H x W with every size >= 1, got {tuple(shape)}")
@@ -139,6 +147,10 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
         raise ValueError(f"final_lr_ratio must be in (0, 1], got {final_lr_ratio}")
     if jitter < 0:
         raise ValueError(f"jitter must be >= 0, got {jitter}")
+    if not plateau >= 0:
+        raise ValueError(f"plateau must be >= 0, got {plateau}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     device = torch.device(device)
     n = int(shape[0])
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -148,7 +160,7 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
 
     curves: dict[str, list[torch.Tensor]] = {}
     diverged = torch.zeros(n, dtype=torch.bool)
-    diverged_step = None
+    diverged_step = settled_step = None
     done = 0
     with torch.enable_grad():
         for step in range(steps):
@@ -164,18 +176,28 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
             done = step + 1
             opt.zero_grad(set_to_none=True)
             terms["total"].sum().backward()
-            bad = ~torch.isfinite(terms["total"].detach())
+            total = terms["total"].detach()
+            bad = ~torch.isfinite(total)
             if params.param.grad is not None:  # a finite loss can still have a NaN gradient (sqrt at 0, where traps)
                 bad = bad | ~torch.isfinite(params.param.grad).flatten(1).all(1)
-            if bool(bad.any()):  # one sync per step; the images stay those this step saw
+            flags = [bad.any()]
+            if plateau > 0 and step >= window:
+                before = curves["total"][step - window].to(total.device)
+                flags.append(((total.float() - before).abs() <= plateau * before.abs()).all())
+            stop = torch.stack(flags).tolist()  # one sync per step
+            if stop[0]:  # the images stay those this step saw
                 diverged, diverged_step = bad.cpu(), step
+                break
+            if len(stop) > 1 and stop[1]:  # settled: the images are those whose loss was just recorded
+                settled_step = step
                 break
             opt.step()
             sched.step()
     with torch.no_grad():
         images = params.pixels().detach().float().cpu()
     stacked = {k: torch.stack(v).cpu() for k, v in curves.items()}
-    return OptimiseResult(images=images, curves=stacked, diverged=diverged, diverged_step=diverged_step, steps=done)
+    return OptimiseResult(images=images, curves=stacked, diverged=diverged, diverged_step=diverged_step, steps=done,
+                          settled_step=settled_step, budget=steps)
 
 
 def _check_terms(terms: object, n: int) -> None:
