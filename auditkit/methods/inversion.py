@@ -6,8 +6,18 @@ Given images x0 and a layer l, find x* = argmin_x  E_feat(x) + lambda_alpha * R_
 - R_alpha(x) = mean |x - 0.5|^alpha, the alpha-norm of the (centred) image;
 - R_TV(x) = mean over pixels of (dx^2 + dy^2)^(beta / 2), the total variation of order beta.
 
+Two errors of the result, per image i of the N inverted together:
+
+- relative error    ||f(x*_i) - f(x0_i)|| / ||f(x0_i)||  (`final_error`);
+- normalised error  e_i = ||f(x*_i) - f(x0_i)|| / mean_{j != i} ||f(x0_j) - f(x0_i)||  (`normalised_error`):
+  the distance to the target in units of the distance between different images at that layer, so e < 1
+  means closer to its own image's features than the average other image is, whatever the layer's scale
+  (a layer that maps every image to nearly the same features has a small relative error and says
+  little; its normalised error shows it). NaN with fewer than 2 images or a zero spread.
+
 The optimisation is methods.optimise.optimise (x = sigmoid(z) from noise, Adam, cosine schedule from lr
-to lr * final_lr_ratio, optional jitter, NaN detection); this module supplies only the objective.
+to lr * final_lr_ratio, `steps` as a budget with an early stop once the loss settled (`plateau`, `window`),
+optional jitter, NaN detection); this module supplies only the objective.
 `invert_layers` inverts several layers at once: it stacks (layers x images) copies into one batch, runs
 ONE forward per step that stops at the deepest layer asked for, and takes group g's feature term at its
 own layer g. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
@@ -46,11 +56,15 @@ class InversionResult:
     reconstructions: torch.Tensor
     curves: dict[str, torch.Tensor]  # term -> steps_done x N: "feature", "alpha", "tv", "total"
     final_error: torch.Tensor  # N: ||f(x*) - f(x0)|| / ||f(x0)|| (NaN where ||f(x0)|| = 0 or diverged)
+    normalised_error: torch.Tensor  # N: ||f(x*_i) - f(x0_i)|| / spread_i (NaN where final_error is, or no spread)
+    spread: torch.Tensor  # N: mean_{j != i} ||f(x0_j) - f(x0_i)|| (float64; NaN with fewer than 2 images)
     zero_norm: torch.Tensor  # N bool: the layer output for x0 is all zeros
     constant: torch.Tensor  # N bool: the layer output for x0 is constant up to rounding (zeros included)
     diverged: torch.Tensor  # N bool: the loss became NaN / inf
     diverged_step: int | None = None  # the step at which the loop stopped, None if it ran to the end
     steps: int = 0  # steps run
+    settled_step: int | None = None  # the step at which every image's loss had settled (optimise's plateau)
+    budget: int = 0  # the steps allowed
     layer: str = ""
     params: dict[str, float] = field(default_factory=dict)
 
@@ -76,14 +90,31 @@ def total_variation(x: torch.Tensor, beta: float) -> torch.Tensor:
     return tv.flatten(1).mean(1)
 
 
+def spread_to_others(features: torch.Tensor) -> torch.Tensor:
+    """Per row i of N x ... features: mean_{j != i} ||f_j - f_i|| (Euclidean, float64, on features' device),
+    the unit of the normalised error; all NaN when N < 2."""
+    f = features.detach().flatten(1).double()
+    n = f.shape[0]
+    if n < 2:
+        return torch.full((n,), math.nan, dtype=torch.float64, device=f.device)
+    return torch.cdist(f, f).sum(1) / (n - 1)
+
+
+def normalised(error_norm: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """error_norm / spread per image (float64); NaN where the spread is not > 0 (or NaN)."""
+    e = error_norm.double().to(spread.device) / spread
+    return torch.where(spread > 0, e, torch.full_like(e, math.nan))
+
+
 def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps: int = 150, lr: float = 0.1,
                   final_lr_ratio: float = 0.01, lambda_alpha: float = LAMBDA_ALPHA, alpha: float = 6.0,
                   lambda_tv: float = LAMBDA_TV, beta: float = 2.0, jitter: int = 0,
-                  parametrisation: str = "sigmoid", seed: int = 0,
+                  parametrisation: str = "sigmoid", seed: int = 0, plateau: float = 0.0, window: int = 10,
                   sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
     """Reconstruct `images` (N x C x H x W pixels in [0, 1]) from the features of each of `layers`.
 
     All layers and images are optimised together as one batch of len(layers) * N images; see the module doc.
+    `plateau` > 0 stops early once every image's loss settled over `window` steps (methods.optimise).
     Returns layer -> InversionResult, in the order of `layers`. Features of `images` that are not finite
     (or whose squared norm overflows) leave nothing to invert towards: NonFiniteError naming the layer and
     the samples (by `sample_ids` when given).
@@ -122,7 +153,7 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
 
     shape = (groups * n, *x0.shape[1:])
     run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
-                   parametrisation=parametrisation, seed=seed, device=device)
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=device)
     curves, recon, diverged = run.curves, run.images, run.diverged.clone()
     diverged_step, done = run.diverged_step, run.steps
 
@@ -130,9 +161,10 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
         final = forward_to(subject, recon.to(device), layers)
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
-              "parametrisation": parametrisation, "seed": seed}
-    errors = [(final[layer][g * n:(g + 1) * n].flatten(1).float() - targets[g]).norm(dim=1) / norm2[g].sqrt()
-              for g, layer in enumerate(layers)]
+              "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window}
+    distances = [(final[layer][g * n:(g + 1) * n].flatten(1).float() - targets[g]).norm(dim=1)
+                 for g, layer in enumerate(layers)]
+    errors = [d / norm2[g].sqrt() for g, d in enumerate(distances)]
     # the last Adam step moved the images after their loss was checked: features that are not finite
     # there diverged at the step after the last one
     late = ~torch.isfinite(torch.cat(errors)).cpu() & ~diverged & ~constant.flatten().cpu()
@@ -144,11 +176,15 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
         err = errors[g]
         bad = constant[g] | diverged[rows].to(err.device)
         err = torch.where(bad, torch.full_like(err, math.nan), err)
+        spread = spread_to_others(targets[g])
+        norm_err = normalised(distances[g], spread)
+        norm_err = torch.where(bad.to(norm_err.device), torch.full_like(norm_err, math.nan), norm_err)
         results[layer] = InversionResult(
             reconstructions=recon[rows].clone(), curves={k: v[:, rows].clone() for k, v in curves.items()},
-            final_error=err.float().cpu(), zero_norm=zero_norm[g].cpu(), constant=constant[g].cpu(),
-            diverged=diverged[rows].clone(),
-            diverged_step=diverged_step, steps=done, layer=layer, params=dict(params))
+            final_error=err.float().cpu(), normalised_error=norm_err.cpu(), spread=spread.cpu(),
+            zero_norm=zero_norm[g].cpu(), constant=constant[g].cpu(), diverged=diverged[rows].clone(),
+            diverged_step=diverged_step, steps=done, settled_step=run.settled_step, budget=steps, layer=layer,
+            params=dict(params))
     return results
 
 

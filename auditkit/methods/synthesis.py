@@ -3,16 +3,20 @@ Gram-matrix texture synthesis.
 
 Class visualisation (Simonyan, Vedaldi & Zisserman 2013, with Lucid-style regularisers): for each class c,
 x*_c = argmax_x S_c(x) - lambda_l2 * mean (x - 0.5)^2, S_c the class score (logit), with x in a Fourier
-parametrisation weighted 1/f^decay and random jitter; one image per class, all classes in one batch. With
-decay = 2 (steeper than Lucid's 1) the optimisation favours large smooth structures: on the demo the circle
-class draws blobs and the cross class crosses, where decay = 1 draws high-frequency noise that is just as
-convincing to the model.
+parametrisation weighted 1/f^decay and random jitter; one image per class, the classes in batches of at
+most the Subject's batch_size. With decay = 2 (steeper than Lucid's 1) the optimisation favours large
+smooth structures: on the demo the circle class draws blobs and the cross class crosses, where decay = 1
+draws high-frequency noise that is just as convincing to the model.
 
 Texture synthesis (Gatys, Ecker & Bethge 2015): the Gram matrix of a layer output F (C x M, M = H * W
 positions) is G = F F^T / M. The synthesis x* minimises
     mean over layers l of ||G_l(x) - G_l(x0)||_F^2 / ||G_l(x0)||_F^2  +  lambda_tv * TV_2(x),
 one synthesis per source image, all in one batch, one forward per step stopping at the deepest layer.
-The final error of layer l is ||G_l(x*) - G_l(x0)||_F / ||G_l(x0)||_F (NaN when G_l(x0) = 0).
+The final (relative) error of layer l is ||G_l(x*) - G_l(x0)||_F / ||G_l(x0)||_F (NaN when G_l(x0) = 0);
+the normalised error of source i is
+    e_i = ||G_l(x*_i) - G_l(x0_i)||_F / mean_{j != i} ||G_l(x0_j) - G_l(x0_i)||_F,
+the distance to its own Gram matrices in units of the distance between different sources' (NaN with
+fewer than 2 sources or a zero spread), as for feature inversion (methods.inversion).
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from auditkit.methods.inversion import total_variation
+from auditkit.methods.inversion import normalised, spread_to_others, total_variation
 from auditkit.methods.optimise import forward_to, optimise
 
 #: Default weight of the L2 pull towards grey in class visualisation (the score is O(10)).
@@ -55,30 +59,48 @@ class ClassVisualisation:
 
 def visualise_classes(subject, classes: Sequence[int] | None = None, *, steps: int = 100, lr: float = 0.05,
                       lambda_l2: float = LAMBDA_L2, jitter: int = 2, parametrisation: str = "fourier",
-                      decay: float = 2.0, seed: int = 0) -> ClassVisualisation:
-    """x*_c = argmax S_c(x) - lambda_l2 * mean (x - 0.5)^2 for each class c (default: every class), one batch;
-    see the module doc. The probability is that of the final image, without jitter."""
+                      decay: float = 2.0, seed: int = 0, batch_size: int | None = None) -> ClassVisualisation:
+    """x*_c = argmax S_c(x) - lambda_l2 * mean (x - 0.5)^2 for each class c (default: every class); see the
+    module doc. The probability is that of the final image, without jitter.
+
+    The classes are optimised in chunks of at most `batch_size` images (default subject.batch_size; the
+    Subject's own chunking covers forwards without gradients only), one optimise() run per chunk, chunk k
+    seeded with seed + k; so 1000 classes never make one batch of 1000. Curves of a chunk that stopped
+    early (diverged) are padded with NaN to the longest chunk's length."""
     k_all = subject.spec.num_classes
     classes = list(range(k_all)) if classes is None else [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < k_all]
     if bad or not classes:
         raise ValueError(f"classes must be a non-empty list of indices in [0, {k_all}) for model "
                          f"{subject.name!r}, got {classes}")
+    size = max(1, int(batch_size or subject.batch_size))
     h, w = subject.spec.input_size
-    target = torch.tensor(classes, device=subject.device).view(-1, 1)
+    runs, probs = [], []
+    for k, start in enumerate(range(0, len(classes), size)):
+        chunk = classes[start:start + size]
+        target = torch.tensor(chunk, device=subject.device).view(-1, 1)
 
-    def objective(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        score = subject.forward(x).gather(1, target).squeeze(1).float()
-        l2 = (x - 0.5).pow(2).flatten(1).mean(1)
-        return {"score": score, "l2": l2, "total": -score + lambda_l2 * l2}
+        def objective(x: torch.Tensor, target: torch.Tensor = target) -> dict[str, torch.Tensor]:
+            score = subject.forward(x).gather(1, target).squeeze(1).float()
+            l2 = (x - 0.5).pow(2).flatten(1).mean(1)
+            return {"score": score, "l2": l2, "total": -score + lambda_l2 * l2}
 
-    run = optimise(objective, (len(classes), len(subject.spec.mean), h, w), steps=steps, lr=lr, jitter=jitter,
-                   parametrisation=parametrisation, decay=decay, seed=seed, device=subject.device)
-    probability = subject.probabilities(run.images).gather(1, target.cpu()).squeeze(1)
-    return ClassVisualisation(images=run.images, classes=classes, probability=probability, curves=run.curves,
-                              diverged=run.diverged, diverged_step=run.diverged_step, steps=run.steps,
+        run = optimise(objective, (len(chunk), len(subject.spec.mean), h, w), steps=steps, lr=lr, jitter=jitter,
+                       parametrisation=parametrisation, decay=decay, seed=seed + k, device=subject.device)
+        runs.append(run)
+        probs.append(subject.probabilities(run.images).gather(1, target.cpu()).squeeze(1))
+    longest = max(r.steps for r in runs)
+    curves = {key: torch.cat([torch.cat([r.curves[key], torch.full((longest - r.steps, r.curves[key].shape[1]),
+                                                                     math.nan)]) for r in runs], 1)
+              for key in runs[0].curves}
+    stopped = [r.diverged_step for r in runs if r.diverged_step is not None]
+    return ClassVisualisation(images=torch.cat([r.images for r in runs]), classes=classes,
+                              probability=torch.cat(probs), curves=curves,
+                              diverged=torch.cat([r.diverged for r in runs]),
+                              diverged_step=min(stopped) if stopped else None, steps=longest,
                               params={"steps": steps, "lr": lr, "lambda_l2": lambda_l2, "jitter": jitter,
-                                      "parametrisation": parametrisation, "decay": decay, "seed": seed})
+                                      "parametrisation": parametrisation, "decay": decay, "seed": seed,
+                                      "batch_size": size, "chunks": len(runs)})
 
 
 @dataclass
@@ -88,17 +110,22 @@ class TextureResult:
     images: torch.Tensor
     curves: dict[str, torch.Tensor]  # "gram" (mean over layers), "gram:<layer>", "tv", "total" -> steps_done x N
     final_error: dict[str, torch.Tensor]  # layer -> N: ||G(x*) - G(x0)||_F / ||G(x0)||_F
+    normalised_error: dict[str, torch.Tensor]  # layer -> N: ||G(x*_i) - G(x0_i)||_F / mean_{j != i} ||G(x0_j) - G(x0_i)||_F
     diverged: torch.Tensor
     diverged_step: int | None
     steps: int
+    settled_step: int | None = None  # the step at which every synthesis's loss had settled (optimise's plateau)
+    budget: int = 0  # the steps allowed
     layers: list[str] = field(default_factory=list)
     params: dict[str, float] = field(default_factory=dict)
 
 
 def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, steps: int = 100, lr: float = 0.1,
                        lambda_tv: float = TEXTURE_LAMBDA_TV, parametrisation: str = "sigmoid",
-                       final_lr_ratio: float = 0.01, seed: int = 0) -> TextureResult:
-    """Match the Gram matrices of `layers` of each source image (N x C x H x W pixels); see the module doc."""
+                       final_lr_ratio: float = 0.01, seed: int = 0, plateau: float = 0.0,
+                       window: int = 10) -> TextureResult:
+    """Match the Gram matrices of `layers` of each source image (N x C x H x W pixels); see the module doc.
+    `plateau` > 0 stops early once every synthesis's loss settled over `window` steps (methods.optimise)."""
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise ValueError("synthesise_texture needs at least one layer")
@@ -123,15 +150,21 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
         return {"gram": gram, **{f"gram:{k}": v for k, v in errors.items()}, "tv": tv, "total": gram + lambda_tv * tv}
 
     run = optimise(objective, tuple(x0.shape), steps=steps, lr=lr, final_lr_ratio=final_lr_ratio,
-                   parametrisation=parametrisation, seed=seed, device=subject.device)
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=subject.device)
     with torch.no_grad():
-        final = gram_errors(run.images.to(subject.device))
-    final_error = {}
+        feats = forward_to(subject, run.images.to(subject.device), layers)
+        distance = {layer: (gram_matrix(feats[layer]) - targets[layer]).flatten(1).norm(dim=1) for layer in layers}
+    final_error, normalised_error = {}, {}
     for layer in layers:
-        err = final[layer].sqrt()
-        err = torch.where((norm2[layer] > 0) & ~run.diverged.to(err.device), err, torch.full_like(err, math.nan))
-        final_error[layer] = err.float().cpu()
-    return TextureResult(images=run.images, curves=run.curves, final_error=final_error, diverged=run.diverged,
-                         diverged_step=run.diverged_step, steps=run.steps, layers=layers,
+        ok = (norm2[layer] > 0) & ~run.diverged.to(norm2[layer].device)
+        err = distance[layer] / norm2[layer].sqrt()
+        final_error[layer] = torch.where(ok, err, torch.full_like(err, math.nan)).float().cpu()
+        norm_err = normalised(distance[layer], spread_to_others(targets[layer]))
+        normalised_error[layer] = torch.where(ok.to(norm_err.device), norm_err,
+                                              torch.full_like(norm_err, math.nan)).cpu()
+    return TextureResult(images=run.images, curves=run.curves, final_error=final_error,
+                         normalised_error=normalised_error, diverged=run.diverged, diverged_step=run.diverged_step,
+                         steps=run.steps, settled_step=run.settled_step, budget=steps, layers=layers,
                          params={"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_tv": lambda_tv,
-                                 "parametrisation": parametrisation, "seed": seed})
+                                 "parametrisation": parametrisation, "seed": seed, "plateau": plateau,
+                                 "window": window})
