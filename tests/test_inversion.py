@@ -1,11 +1,14 @@
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from auditkit import AuditSet, ModelSpec, Sample
 from auditkit.checks.base import CheckConfigError, Status
-from auditkit.checks.inversion import CONSTANT_REASON, ZERO_NORM_REASON, InversionConverges
-from auditkit.methods.inversion import invert, invert_layers
+from auditkit.checks.inversion import (CANNOT_TELL, CONSTANT_REASON, FAILED_LAYER, NOT_COMPARED, PASSED_LAYER,
+                                       UNDECIDED, ZERO_NORM_REASON, InversionConverges)
+from auditkit.methods.inversion import invert, invert_layers, normalised, spread_to_others
 from auditkit.subject import AuditModelError, Subject
 
 
@@ -18,6 +21,9 @@ class Probe(nn.Module):
         self.mode = mode
         self.feat = nn.Identity()
         self.head = nn.Linear(3, 2)
+        with torch.no_grad():  # the same head whatever the tests before did to torch's global generator
+            self.head.weight.copy_(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)))
+            self.head.bias.zero_()
 
     def forward(self, x):
         x = x * 0.25 + 0.5  # undo normalisation with mean 0.5, std 0.25: the layer sees pixels
@@ -37,8 +43,16 @@ def probe_spec(mode: str = "identity") -> ModelSpec:
 
 
 def smooth_images(n: int = 2, size: int = 8) -> torch.Tensor:
+    """n smooth images with pixels in [0.35, 0.95] (the NaN probe's sqrt(pixel - 0.3) stays finite on them):
+    image i has a horizontal and a vertical ramp (0.35 to 0.85, each flipped by a bit of i) and a flat third
+    channel that differs per image, so different images lie far apart compared with a good reconstruction
+    (the normalised error's unit)."""
     ys, xs = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    imgs = [torch.stack([0.35 + 0.5 * xs, 0.35 + 0.5 * ys, 0.6 + 0.0 * xs + 0.1 * i]) for i in range(n)]
+    imgs = []
+    for i in range(n):
+        ramp_x = 1 - xs if i & 1 else xs
+        ramp_y = 1 - ys if i & 2 else ys
+        imgs.append(torch.stack([0.35 + 0.5 * ramp_x, 0.35 + 0.5 * ramp_y, 0.35 + 0.6 * ((0.37 * i) % 1) + 0 * xs]))
     return torch.stack(imgs)
 
 
@@ -111,15 +125,142 @@ def test_nan_layer_is_reported_as_diverged():
     assert "diverged" in result.rows[0]["reason"]
 
 
-def test_identity_check_passes_and_writes_evidence():
+def test_identity_probe_inverts_exactly_as_random_weights_so_it_is_evidence_not_a_pass():
+    """The probe's layer has no weights, so its random-weights copy inverts it identically: the inversion
+    measures the optimiser, not the model. Before: PASSED (the layer converged)."""
     with Subject(probe_spec(), device="cpu") as subject:
-        result = InversionConverges(steps=150, samples=2).execute(subject, probe_set())
-    assert result.status is Status.PASSED, result.message
+        result = InversionConverges(steps=150, samples=8).execute(subject, probe_set(8))
+    assert result.status is Status.INFO, result.summary()
     row = result.rows[0]
-    assert row["pixel_rmse"] < 0.05 and {"random_final_error", "random_pixel_rmse"} <= set(row)
+    assert row["verdict"] == CANNOT_TELL and row["passed"] is None and CANNOT_TELL in result.message
+    assert row["normalised_error"] == row["random_normalised_error"] < 0.1  # converged, both, identically
+    assert row["random_over_trained"] == 1.0 and row["p_value"] == 1.0
+    assert result.decision["status"] == "info" and result.decision["n"] == 8
+    assert row["pixel_rmse"] < 0.05 and {"relative_error", "random_relative_error", "random_pixel_rmse"} <= set(row)
     assert [e.title for e in result.evidence] == ["Feature inversion", "Inversion loss curves",
                                                   "Pixel distance to the original"]
     assert result.evidence[1].media_type == "image/svg+xml" and b"<svg" in result.evidence[1].data
+
+
+class Wavy(nn.Module):
+    """f(x) = sin(w * x) per channel: w = 1 as trained (monotonic on pixels, easy to invert); its random
+    initialisation (reset_parameters, what random_copy calls) is w = 40, which folds every pixel value
+    onto many others."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, 3, 1, 1))
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.w.fill_(40.0)
+
+    def forward(self, x):
+        return torch.sin(self.w * x)
+
+
+def wavy_spec() -> ModelSpec:
+    module = Probe()
+    module.feat = Wavy()
+    return ModelSpec(module=module, class_names=["a", "b"], input_size=(8, 8), mean=(0.5,) * 3, std=(0.25,) * 3,
+                     layers=["feat"], name="wavy")
+
+
+def test_a_layer_measurably_closer_than_through_random_weights_passes():
+    with Subject(wavy_spec(), device="cpu") as subject:
+        result = InversionConverges(steps=150, samples=8).execute(subject, probe_set(8))
+    assert result.status is Status.PASSED, result.summary()
+    row = result.rows[0]
+    assert row["verdict"] == PASSED_LAYER and row["passed"] is True and row["normalised_error"] < 0.1
+    assert row["random_over_trained"] >= 1.25 and row["p_value"] <= 0.01
+    assert result.decision["n"] == 8 and result.decision["needed"] == 7 and result.decision["better"] == "lower"
+    assert result.details["steps_used"] <= 150 and result.details["steps_used_random"] <= 150
+
+
+def test_fewer_samples_than_the_test_needs_is_inconclusive_and_says_how_many():
+    """6 samples cannot reach alpha = 0.01 (0.5^6 > 0.01), even on the toy that passes with 8."""
+    from auditkit.checks.synthesis import TextureSynthesisConverges
+
+    with Subject(wavy_spec(), device="cpu") as subject:
+        result = InversionConverges(steps=150, samples=6).execute(subject, probe_set(8))
+        texture = TextureSynthesisConverges(steps=50, samples=6).execute(subject, probe_set(8))
+    for res in (result, texture):
+        assert res.status is Status.INCONCLUSIVE, res.summary()
+        assert "only 6 sample(s)" in res.message and "needs at least 7" in res.message
+        assert res.rows[0]["verdict"] == UNDECIDED and res.rows[0]["passed"] is None
+    assert result.rows[0]["random_over_trained"] >= 1.25  # the effect is there; the test cannot reach alpha
+
+
+def test_normalised_error_closed_form():
+    f = torch.tensor([[0.0], [3.0], [4.0]])
+    assert spread_to_others(f).tolist() == [3.5, 2.0, 2.5]  # mean distance to the two others
+    assert torch.isnan(spread_to_others(f[:1])).all()  # no other image: no unit
+    e = normalised(torch.tensor([0.7, 1.0, 0.0]), torch.tensor([3.5, 0.0, 2.5], dtype=torch.float64))
+    assert e[0].item() == pytest.approx(0.2) and math.isnan(e[1].item()) and e[2].item() == 0.0
+    # the probe's layer sees the pixels: e_i = ||x*_i - x0_i|| / mean_{j != i} ||x0_j - x0_i||
+    images = smooth_images(4)
+    with Subject(probe_spec(), device="cpu") as subject:
+        res = invert(subject, images, "feat", steps=30)
+    x0 = images.flatten(1).double()
+    distance = (res.reconstructions.flatten(1).double() - x0).norm(dim=1)
+    spread = torch.cdist(x0, x0).sum(1) / 3
+    assert torch.allclose(res.spread, spread, rtol=1e-6)
+    assert torch.allclose(res.normalised_error, distance / spread, rtol=1e-4)
+    assert torch.allclose(res.final_error.double(), distance / x0.norm(dim=1), rtol=1e-4)  # the relative error
+    assert (res.normalised_error > res.final_error.double()).all()  # ramps of similar colours: spread < norm
+
+
+def test_texture_normalised_error_closed_form_and_identity_probe_is_evidence():
+    from auditkit.checks.synthesis import TextureSynthesisConverges
+    from auditkit.methods.synthesis import gram_matrix, synthesise_texture
+
+    images = smooth_images(4)
+    with Subject(probe_spec(), device="cpu") as subject:
+        res = synthesise_texture(subject, images, ["feat"], steps=30)
+        result = TextureSynthesisConverges(steps=150, samples=8).execute(subject, probe_set(8))
+    g0, g1 = gram_matrix(images).flatten(1).double(), gram_matrix(res.images).flatten(1).double()
+    distance = (g1 - g0).norm(dim=1)
+    assert torch.allclose(res.normalised_error["feat"], distance / (torch.cdist(g0, g0).sum(1) / 3), rtol=1e-4)
+    assert torch.allclose(res.final_error["feat"].double(), distance / g0.norm(dim=1), rtol=1e-4)
+    # before: PASSED; the layer has no weights, so random weights match its Gram matrices identically
+    assert result.status is Status.INFO, result.summary()
+    assert result.rows[0]["verdict"] == CANNOT_TELL and result.rows[0]["random_over_trained"] == 1.0
+
+
+def test_layer_verdicts_and_how_they_make_the_status():
+    check = InversionConverges()
+    e = torch.linspace(0.1, 0.2, 8)
+    groups = ["a", "b"] * 4
+    passed = check.compare("l1", e, 2 * e, groups, [])
+    same = check.compare("l2", e, e.clone(), groups, [])
+    worse = check.compare("l3", 2 * e, e, groups, [])
+    few = check.compare("l4", e[:6], 2 * e[:6], groups[:6], [])
+    failed = check.compare("l5", e, 2 * e, groups, ["loss diverged (NaN/inf) at step 3"])
+    alone = check.compare("l6", e, None, groups, [])
+    assert (passed["verdict"], passed["passed"]) == (PASSED_LAYER, True) and passed["random_over_trained"] == 2.0
+    assert (same["verdict"], same["passed"]) == (CANNOT_TELL, None) and "not measurably closer" in same["reason"]
+    assert worse["verdict"] == CANNOT_TELL and "random weights converge measurably closer" in worse["reason"]
+    assert (few["verdict"], few["passed"]) == (UNDECIDED, None) and "needs at least 7" in few["reason"]
+    assert (failed["verdict"], failed["passed"]) == (FAILED_LAYER, False)  # convergence first, whatever the ratio
+    assert (alone["verdict"], alone["decision"]) == (NOT_COMPARED, None)
+
+    def status(*verdicts):
+        rows, decisions = [], {}
+        for v in verdicts:
+            v = dict(v)
+            layer = f"l{len(rows)}"
+            if v["decision"] is not None:
+                decisions[layer] = v.pop("decision")
+            else:
+                v.pop("decision")
+            rows.append({"layer": layer, **v})
+        return check.layers_result(rows, decisions, "layers converge", {}).status
+
+    assert status(passed, same, worse) is Status.PASSED  # a layer told apart passes; the others are evidence
+    assert status(same, worse) is Status.INFO  # nothing told apart: evidence, never a pass
+    assert status(alone) is Status.INFO
+    assert status(passed, few) is Status.INCONCLUSIVE
+    assert status(passed, few, failed) is Status.FAILED  # a layer that did not converge fails the check
 
 
 def test_layers_are_inverted_together_each_group_at_its_own_layer():
