@@ -97,6 +97,7 @@ FAILED_LAYER = "failed"
 CANNOT_TELL = "cannot tell trained from random weights"
 UNDECIDED = "inconclusive"
 NOT_COMPARED = "not compared with random weights"
+RANDOM_CLOSER = "random weights converge measurably closer"
 
 
 @dataclass
@@ -188,7 +189,7 @@ class ConvergenceCheck(Check):
             verdict, passed = CANNOT_TELL, None
             reverse = decide(random.tolist(), trained.tolist(), effect="ratio", min_effect=self.min_ratio,
                              alpha=self.alpha, seed=self.seed, better="lower")
-            reason = (f"converged, but random weights converge measurably closer (random / trained "
+            reason = (f"converged, but {RANDOM_CLOSER} (random / trained "
                       f"{ratio:.3g}x, p = {reverse.p_value:.2g}): evidence, not judged"
                       if reverse.status is Status.PASSED else
                       f"converged, but not measurably closer than through random weights ({decision.reason}): "
@@ -213,6 +214,9 @@ class ConvergenceCheck(Check):
                          f"{self.min_ratio:g}, p <= {self.alpha:g}): " + ", ".join(r["layer"] for r in passed))
         if evidence:
             parts.append(f"{CANNOT_TELL} (evidence, not judged): " + ", ".join(r["layer"] for r in evidence))
+            closer = [r["layer"] for r in evidence if RANDOM_CLOSER in r["reason"]]
+            if closer:
+                parts.append(f"{RANDOM_CLOSER} than the trained model: " + ", ".join(closer))
         if alone:
             parts.append("random_baseline is off, so not compared with random weights (evidence, not judged): "
                          + ", ".join(r["layer"] for r in alone))
