@@ -335,7 +335,8 @@ def test_loop_and_inversion_run_on_cuda():
     # converged; without the random-weights control it is evidence only
     assert result.status is Status.INFO, result.summary() + (result.error or "")
     assert all(r["verdict"] == NOT_COMPARED for r in result.rows)
-    assert texture.status is not Status.ERROR and texture.decision["n"] == 8, texture.summary() + (texture.error or "")
+    assert texture.status is not Status.ERROR, texture.summary() + (texture.error or "")
+    assert texture.details["steps_used"] <= 50 and texture.details["steps_used_random"] <= 50
 
 
 def test_class_visualisation_of_a_one_class_model_is_an_error():
