@@ -286,12 +286,12 @@ def test_demo_synthesises_textures_but_random_weights_match_better(demo_results)
     result = demo_results["texture-synthesis-converges"]
     assert result.status is Status.INFO, result.summary() + (result.error or "")
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
-    assert max(r["normalised_error"] for r in result.rows) <= 0.45  # converged: 0.38 at most, measured
+    assert max(r["normalised_error"] for r in result.rows) <= 0.45  # converged: 0.40 at most, measured
     assert all(r["random_over_trained"] < 1 for r in result.rows)  # random weights match closer at every layer
     assert "random weights converge measurably closer than the trained model: stage1, stage2" in result.message
-    # the loss settles before the budget: the early stop saved the schedule's tail (248 of 300 steps measured)
-    assert result.details["settled_step"] is not None and result.details["steps_used"] < 290
-    assert result.details["steps_used_random"] < 290
+    # the losses settle before the budget: the early stop saves the schedule's tail (210 and 186 of 250 measured)
+    assert result.details["settled_step"] is not None and result.details["steps_used"] < 230
+    assert result.details["settled_step_random"] is not None and result.details["steps_used_random"] < 230
     assert len(result.evidence) == 2 and result.evidence[0].media_type == "image/png"
 
 
