@@ -169,7 +169,8 @@ ENTRIES: tuple[Entry, ...] = (
               "feature-neighbours": Expect("passed", "good", "the shape fills most of the image, so pixel "
                                            "neighbours may agree more, but features agree far more"),
           })),
-    Entry("good-vit-64", "vit", 64, "small vision transformer (8 px patches, 4 blocks), 64 px, objects 10-40 %",
+    Entry("good-vit-64", "vit", 64,
+          "small vision transformer (conv stem, 8 x 8 tokens, 4 blocks), 64 px, objects 10-40 %",
           train_task=VIT_64, audit_task=VIT_64, n_train=6000, epochs=15, lr=1e-3,
           expect=good(**{
               "invariance-grows-with-depth": Expect("passed", "good", "no pooling, all grids 8 x 8; attention mixes "

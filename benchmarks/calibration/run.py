@@ -177,6 +177,8 @@ def run_entries(entries: Iterable[Entry], checks: Iterable[str] = CHECKS, log: C
                     mark = {"ok": "", "problem": "   <-- CALIBRATION PROBLEM", "note": "   (side prediction missed)"}
                     log(f"    {check.name:30s} {cell.got:12s} expected {cell.expect.label():22s} "
                         f"{cell.seconds:6.1f} s{mark[cell.verdict]}")
+                    if cell.verdict != "ok":
+                        log(f"        {cell.summary[:400]}")
                     cells.append(cell)
             finally:
                 session.close()
