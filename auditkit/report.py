@@ -116,7 +116,7 @@ def direction_symbol(direction: str) -> str:
 
 def fmt_threshold(result: CheckResult) -> str:
     """The condition as text, e.g. "≥ 0.5"; an em dash when there is no threshold."""
-    if result.threshold is None:
+    if result.threshold is None or Status(result.status) is Status.INFO:  # evidence only: nothing to meet
         return "—"
     return f"{direction_symbol(result.direction)} {fmt_num(result.threshold)}"
 
