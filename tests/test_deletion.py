@@ -197,8 +197,11 @@ def test_check_on_the_weighted_sum_with_the_gradient_map():
     assert d["deletion_margin"] == pytest.approx(d["deletion_auc_random"] - d["deletion_auc"], abs=1e-6)
     wins_del = sum(r["deletion_auc"] < r["deletion_auc_random"] for r in result.rows) / 8
     wins_ins = sum(r["insertion_auc"] > r["insertion_auc_random"] for r in result.rows) / 8
-    assert result.value == pytest.approx(min(wins_del, wins_ins)) == 1.0
-    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 wins on both curves: exact sign test
+    wins = sum(r["insertion_auc"] - r["deletion_auc"] > r["insertion_auc_random"] - r["deletion_auc_random"]
+               for r in result.rows) / 8
+    assert result.value == pytest.approx(wins) == 1.0 and wins_del == wins_ins == 1.0
+    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 wins: exact sign test
+    assert result.details["deletion"]["effect"] == 1.0  # each curve's own test is shown beside it
     assert [r["sample"] for r in result.rows] == [f"t{i}" for i in range(8)]
     assert set(result.columns) == {"sample", "label", "deletion_auc", "deletion_auc_random", "insertion_auc",
                                    "insertion_auc_random"}
@@ -243,3 +246,18 @@ def test_demo_shortcut_runs_and_leaves_the_model_unchanged(demo_results):
     result, unchanged = demo_results["demo-shortcut"]
     assert result.status is not Status.ERROR, result.summary()
     assert unchanged
+
+
+def test_one_curve_alone_does_not_decide():
+    """The map loses deletion on 3 of 8 samples but wins the combined score everywhere: it passes."""
+    import numpy as np
+
+    from auditkit.checks.decision import decide
+
+    del_map = np.array([0.2, 0.2, 0.2, 0.2, 0.2, 0.5, 0.5, 0.5])
+    del_rand = np.full(8, 0.4)
+    ins_map, ins_rand = np.full(8, 0.9), np.full(8, 0.4)
+    deletion = decide(del_map, del_rand, effect="win_rate", min_effect=0.6, better="lower")
+    combined = decide(ins_map - del_map, ins_rand - del_rand, effect="win_rate", min_effect=0.6)
+    assert deletion.effect == pytest.approx(5 / 8) and deletion.p_value > 0.01
+    assert combined.effect == 1.0 and combined.p_value == pytest.approx(0.5 ** 8)
