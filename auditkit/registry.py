@@ -127,7 +127,6 @@ CHECKS = Registry("check", "auditkit.checks", {
 DEFAULT_SUITE: tuple[dict[str, Any], ...] = (
     {"kind": "occlusion-drop"},
     {"kind": "saliency-in-box"},
-    {"kind": "saliency-in-box", "name": "saliency-in-box-gradient", "method": "gradient"},
     {"kind": "saliency-sanity"},
     {"kind": "deletion-insertion"},
     # rotation is measured and shown beside translation, not judged (CNNs are not expected to absorb it)

@@ -61,14 +61,15 @@ def test_unknown_method_and_bad_parameters_are_errors():
 
 @pytest.fixture(scope="module")
 def demo_results():
-    """The default suite's saliency-in-box checks (Grad-CAM and gradient) on both demo models."""
+    """The default suite's saliency-in-box check (Grad-CAM) and the opt-in gradient one on both demo models."""
     from auditkit.checks import build_checks
     from auditkit.demo import demo_model, demo_shortcut_model, shapes_dataset
     from auditkit.subject import Subject
 
     data = shapes_dataset()
-    checks = [c for c in build_checks() if c.kind == "saliency-in-box"]
-    assert {c.method for c in checks} == {"grad_cam", "gradient"}
+    defaults = [c for c in build_checks() if c.kind == "saliency-in-box"]
+    assert [c.method for c in defaults] == ["grad_cam"]  # pixel gradients are opt-in (README)
+    checks = defaults + build_checks([{"kind": "saliency-in-box", "name": "gradient", "method": "gradient"}])
     out = {}
     for factory in (demo_model, demo_shortcut_model):
         spec = factory()

@@ -19,11 +19,11 @@ from typing import Any
 from benchmarks.calibration.tasks import TaskSpec
 
 CHECKS: tuple[str, ...] = (
-    "occlusion-drop", "saliency-in-box", "saliency-in-box-gradient", "saliency-sanity", "deletion-insertion",
+    "occlusion-drop", "saliency-in-box", "saliency-sanity", "deletion-insertion",
     "invariance-grows-with-depth", "invariance-scale", "dead-units", "feature-neighbours", "class-separation",
     "max-activating-patches", "inversion-converges", "class-visualisation", "texture-synthesis-converges",
 )
-LOCALISATION = ("occlusion-drop", "saliency-in-box", "saliency-in-box-gradient")
+LOCALISATION = ("occlusion-drop", "saliency-in-box")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from benchmarks.calibration.tasks import CLASSES, audit_set  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 #: The checks of the fast subset: those meant to catch the fast entries' flaws, and the good model's.
-FAST_CHECKS = ("occlusion-drop", "saliency-in-box", "saliency-in-box-gradient", "deletion-insertion",
+FAST_CHECKS = ("occlusion-drop", "saliency-in-box", "deletion-insertion",
                "feature-neighbours")
 SHORT = {
     "occlusion-drop": "occl", "saliency-in-box": "sal-cam", "saliency-in-box-gradient": "sal-grad",
