@@ -1,4 +1,8 @@
-"""invariance-grows-with-depth decides per sample, top layer against the bottom layer (issue 14).
+"""invariance-grows-with-depth decides per sample, top against the bottom layer (issue 14).
+
+The top is the penultimate features (the input of the final nn.Linear) when the model has one, else the
+last named layer. The `Taps` toys have no nn.Linear, so they are judged on their last named layer (the
+old rule, which they test); `PooledHead` has a Linear after global pooling.
 
 The toys tap the input through parallel layers whose invariance is known: `pixels` (the identity), `pool`
 (the channel means: exactly invariant to a shift of content that stays inside a zero border) and `Mix(a)`
@@ -40,18 +44,35 @@ class Constant(nn.Module):
 
 
 class Taps(nn.Module):
-    """Each named layer sees the input itself; the logits come from the channel means."""
+    """Each named layer sees the input itself; the logits are two of the channel means (no nn.Linear, so
+    the check's top is the last named layer)."""
 
     def __init__(self, taps: dict[str, nn.Module]):
         super().__init__()
         self.names = list(taps)
         for name, module in taps.items():
             self.add_module(name, module)
-        self.head = nn.Linear(3, 2)
 
     def forward(self, x):
         for name in self.names:
             getattr(self, name)(x)
+        return x.mean(dim=(2, 3))[:, :2]
+
+
+class PooledHead(nn.Module):
+    """A small CNN: its last named layer `conv2` is a spatial map, its head pools globally before its
+    nn.Linear, so the penultimate features are the channel means of conv2's ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.act(self.conv2(self.act(self.conv1(x))))
         return self.head(x.mean(dim=(2, 3)))
 
 
@@ -121,6 +142,10 @@ def test_the_check_decides_per_sample_top_against_bottom_in_closed_form():
     assert d["p_value"] == pytest.approx(0.5 ** 12)  # every sample gains: the exact signed-rank p-value
     assert d["ci"][0] <= d["effect"] <= d["ci"][1]
     assert d["labels"] == {"value": "invariance of pool (top)", "control": "invariance of pixels (bottom)"}
+    # no nn.Linear: the last named layer is the top, as before, and the message says so
+    assert result.details["top_kind"] == "last named layer" and result.details["head"] == ""
+    assert "the last named layer 'pool' against the first named layer 'pixels', as before" in result.message
+    assert "has no nn.Linear" in result.message
     per = result.details["per_sample"]
     assert [p["sample"] for p in per] == [f"s{i}" for i in range(12)]
     np.testing.assert_allclose([p["gain"] for p in per], gain, atol=1e-5)
@@ -193,3 +218,50 @@ def test_min_rho_is_gone_and_alpha_is_validated():
         InvarianceGrowsWithDepth(alpha=0.5)
     (check,) = build_checks([{"kind": "invariance-grows-with-depth"}])
     assert (check.min_gain, check.alpha, check.samples) == (0.1, 0.01, 32)
+
+
+# -- the penultimate features are the top -------------------------------------------------------
+
+
+def _run_pooled(**params):
+    spec = ModelSpec(module=PooledHead(), class_names=["dim", "bright"], input_size=(SIZE, SIZE),
+                     layers=["conv1", "conv2"], name="pooled")
+    with Subject(spec, device="cpu") as subject:
+        return InvarianceGrowsWithDepth(**params).execute(subject, _set(12))
+
+
+def test_a_cnn_with_a_pooled_linear_head_passes_on_its_penultimate_features():
+    """The last named layer conv2 is a spatial map: it moves with the shift about as much as conv1 (the old
+    rule, conv2 against conv1, measured 0.0275 < min_gain 0.1 with p = 0.088 and FAILED). The input of the
+    head is conv2's channel means, which a shift of content inside the zero border hardly moves."""
+    result = _run_pooled()
+    label = "penultimate (input of head)"
+    assert result.status is Status.PASSED, result.summary()
+    details, d = result.details, result.decision
+    assert (details["top"], details["top_kind"], details["head"], details["bottom"]) == (
+        label, "penultimate", "head", "conv1")
+    assert details["points"] == ["conv1", "conv2", label] and details["layers"] == ["conv1", "conv2"]
+    assert d["labels"] == {"value": f"invariance of {label} (top)", "control": "invariance of conv1 (bottom)"}
+    assert d["effect"] >= 0.5 and d["p_value"] == pytest.approx(0.5 ** 12)
+    assert min(p["inv_top"] for p in details["per_sample"]) > 0.95  # not exactly 1: conv2 reaches the border
+    assert "the penultimate features (the input of the final nn.Linear 'head', depth 3) against the first " \
+           "named layer 'conv1'" in result.message
+    # what the old rule judged: the last named layer against the first, per sample, gains below min_gain
+    old = np.mean([[inv["conv2"] - inv["conv1"]] for inv in details["invariance"].values()])
+    assert old < 0.1, old
+    assert "vs judged top" in result.evidence[1].title and label in result.evidence[1].data.decode()
+
+
+def test_the_penultimate_point_is_the_last_row_of_the_curve():
+    result = _run_pooled(compare=("rotate",))
+    label = "penultimate (input of head)"
+    for transform in ("translate", "rotate"):
+        rows = [r for r in result.rows if r["transform"] == transform]
+        assert [(r["layer"], r["depth"]) for r in rows if r["magnitude"] == rows[0]["magnitude"]] == [
+            ("conv1", 1), ("conv2", 2), (label, 3)]
+        assert len(rows) == 3 * 3
+    for m in SHIFTS:
+        row = next(r for r in result.rows if r["layer"] == label and r["magnitude"] == m)
+        assert row["invariance"] == pytest.approx(result.details["invariance"][f"{m:g}"][label])
+    assert f"3={label}" in result.evidence[0].data.decode()  # the chart's depth axis names it
+    assert label in result.details["compare"]["rotate"]["invariance"]["20"]

@@ -23,8 +23,10 @@ from auditkit.checks.base import (
     spread_indices,
 )
 from auditkit.checks.decision import ALPHA, Decision, decide, needed_samples
+from auditkit.methods import embedding as em
 from auditkit.methods import features as fe
 from auditkit.methods.numerics import constant_rows, require_finite
+from auditkit.subject import AuditModelError
 
 DEFAULT_MAGNITUDES: dict[str, tuple[float, ...]] = {
     "translate": (2.0, 4.0, 8.0),  # pixels, horizontal
@@ -41,24 +43,40 @@ def _finite(features, layers, ids, what):
         require_finite(features[name], f"layer output{what}", method="invariance", layer=name, sample_ids=ids)
 
 
-def _measure(subject, images, labels, layers, transform, mags, base, spread, ids):
-    """For each magnitude m: the per-sample invariance of each layer (per[m][layer], N float64), its mean
-    (table[m][layer]), mean p(true class) of the transformed images (prob[m], from the same forward
-    passes), rho = Spearman(depth, invariance) (NaN when all layers tie up to rounding: ranks of rounding
-    noise are no trend) and gain = last-layer minus first-layer invariance."""
+def _penultimate_label(head: str) -> str:
+    """How the penultimate features (the input of the final nn.Linear `head`) are named in rows and charts."""
+    return f"penultimate (input of {head})"
+
+
+def _representations(subject, images, layers, head, label):
+    """(features, logits): the named layers' outputs (features_and_logits) and, when `head` names the final
+    nn.Linear, its input under `label` (embedding.penultimate_features, a second forward pass)."""
+    feats, logits = fe.features_and_logits(subject, images, layers)
+    if head:
+        feats[label] = em.penultimate_features(subject, images, head)
+    return feats, logits
+
+
+def _measure(subject, images, labels, layers, transform, mags, base, spread, ids, head="", label=""):
+    """For each magnitude m: the per-sample invariance of each depth point (per[m][point], N float64; the
+    points are the named `layers`, then the penultimate features `label` when `head` is given), its mean
+    (table[m][point]), mean p(true class) of the transformed images (prob[m], from the same forward
+    passes), rho = Spearman(depth, invariance) (NaN when all points tie up to rounding: ranks of rounding
+    noise are no trend) and gain = last-point (the judged top) minus first-layer invariance."""
     fn = fe.TRANSFORMS[transform]
+    points = [*layers, label] if head else list(layers)
     per, table, prob = {}, {}, {}
     for m in mags:
-        moved, logits = fe.features_and_logits(subject, fn(images, m), layers)
-        _finite(moved, layers, ids, f" under {transform} {m:g}{_UNIT[transform]}")
-        per[m] = {name: fe.invariance_per_sample(base[name], moved[name], spread[name]) for name in layers}
-        table[m] = {name: float(per[m][name].mean()) for name in layers}
+        moved, logits = _representations(subject, fn(images, m), layers, head, label)
+        _finite(moved, points, ids, f" under {transform} {m:g}{_UNIT[transform]}")
+        per[m] = {name: fe.invariance_per_sample(base[name], moved[name], spread[name]) for name in points}
+        table[m] = {name: float(per[m][name].mean()) for name in points}
         prob[m] = _true_class_probability(logits, labels)
         del moved
-    depth = list(range(1, len(layers) + 1))
+    depth = list(range(1, len(points) + 1))
     rhos, gains = [], []
     for m in mags:
-        values = [table[m][name] for name in layers]
+        values = [table[m][name] for name in points]
         tied = bool(constant_rows(torch.tensor([values], dtype=torch.float64))[0])
         rho = float("nan") if tied else spearmanr(depth, values).statistic
         rhos.append(float(rho))
@@ -86,15 +104,23 @@ def _untie(values: torch.Tensor, controls: torch.Tensor) -> torch.Tensor:
 
 
 _NOUN = {"translate": "translation", "scale": "scaling", "rotate": "rotation"}
-METRIC = "mean invariance gain, top - bottom layer"
+METRIC = "mean invariance gain, top (penultimate features, else last layer) - bottom layer"
 
 
 @dataclass
 class InvarianceGrowsWithDepth(Check):
-    """Features should get more invariant to a nuisance transform from the bottom layer to the top one.
+    """Features should get more invariant to a nuisance transform from the bottom layer to the top.
 
-    Per sample i and layer l (Euclidean d on flattened layer outputs, the spread over all ordered pairs
-    of different images as the denominator):
+    The two representations compared: the bottom is the first named layer's output; the top is the
+    model's penultimate features, the input of its final nn.Linear (embedding.penultimate_layer /
+    penultimate_features, as the embedding checks find it), as Zeiler & Fergus (figure 5) compare layer 1
+    with the fully connected layer 7. The last named layer is often a spatial map before global pooling,
+    which moves with a translation about as much as the first layer. A model without an nn.Linear (or
+    whose final nn.Linear's input cannot be captured once per image) is judged on its last named layer,
+    as before, and the message says so.
+
+    Per sample i and depth point l (the named layers, then the penultimate features; Euclidean d on
+    flattened outputs, the spread over all ordered pairs of different images as the denominator):
 
         inv_l(i) = 1 - d(f_l(x_i), f_l(T x_i)) / mean_{j != k} d(f_l(x_j), f_l(x_k))
 
@@ -102,24 +128,26 @@ class InvarianceGrowsWithDepth(Check):
     images): with v_i = mean over the magnitudes of inv_top(i) and c_i = the same of inv_bottom(i), passes
     when mean_i(v_i - c_i) >= min_gain and a one-sided Wilcoxon signed-rank test of v_i - c_i > 0 gives
     p <= alpha; INCONCLUSIVE below the samples the test needs (7 at alpha 0.01). Differences of
-    rounding noise are ties. A bottom or top layer that gives the same output for every image cannot
+    rounding noise are ties. A bottom or top representation that is the same for every image cannot
     be measured and FAILS.
 
-    The curve over all layers and Spearman(depth, invariance) per magnitude are evidence, shown and not
-    judged: a local swap of two middle layers does not decide anything. `compare` names other transforms
-    that are measured the same way at their default magnitudes (DEFAULT_MAGNITUDES) and shown (rows,
-    details, an extra chart) but never judged.
+    The curve over all depth points (the penultimate features last) and Spearman(depth, invariance) per
+    magnitude are evidence, shown and not judged: a local swap of two middle layers does not decide
+    anything. `compare` names other transforms that are measured the same way at their default
+    magnitudes (DEFAULT_MAGNITUDES) and shown (rows, details, an extra chart) but never judged.
     """
 
     kind = "invariance-grows-with-depth"
     title = "Invariance grows with depth"
     description = (
+        "Compares two representations: the top is the model's penultimate features (the input of its final "
+        "nn.Linear), or its last named layer when it has no nn.Linear; the bottom is its first named layer. "
         "Per sample: inv_l(i) = 1 - d(f_l(x_i), f_l(T x_i)) / mean_{j != k} d(f_l(x_j), f_l(x_k)), d = Euclidean "
-        "distance of the flattened layer output, averaged over the magnitudes. Passes when "
+        "distance of the flattened output, averaged over the magnitudes. Passes when "
         "mean_i(inv_top(i) - inv_bottom(i)) >= min_gain and a one-sided Wilcoxon signed-rank test of "
         "inv_top - inv_bottom > 0 gives p <= alpha (the bottom layer is the control); INCONCLUSIVE when too "
-        "few samples can be judged. The per-layer curve, its Spearman trend and the transforms listed in "
-        "compare are shown, not judged."
+        "few samples can be judged. The per-layer curve (the penultimate features as its last point), its "
+        "Spearman trend and the transforms listed in compare are shown, not judged."
     )
 
     transform: Literal["translate", "scale", "rotate"] = "translate"
@@ -182,16 +210,39 @@ class InvarianceGrowsWithDepth(Check):
                       seed=self.seed, groups=groups, value_label=f"invariance of {top} (top)",
                       control_label=f"invariance of {bottom} (bottom)", inconclusive=why)
 
+    @staticmethod
+    def _head(subject, images, layers):
+        """(head, label, base, logits, why): the final nn.Linear `head` and the label of its input, the
+        unmoved features of the named layers (and of the penultimate features under `label`) with their
+        logits; head = label = "" and `why` says so when the model has no nn.Linear that runs, or its input
+        cannot be captured once per image (AuditModelError of embedding.penultimate_*): the last named
+        layer is then the top, as before."""
+        try:
+            head = em.penultimate_layer(subject, images)
+            label = _penultimate_label(head)
+            base, logits = _representations(subject, images, layers, head, label)
+            return head, label, base, logits, ""
+        except AuditModelError as exc:
+            why = str(exc).split("; pass layer=")[0]
+        base, logits = fe.features_and_logits(subject, images, layers)
+        return "", "", base, logits, why
+
     def run(self, subject, audit_set) -> CheckResult:
         layers = list(subject.layers)
         if len(layers) < 2:
             return self.error_result(f"model {subject.name!r} has {len(layers)} layer(s); this check needs at least 2")
-        bottom, top = layers[0], layers[-1]
+        bottom = layers[0]
         title = f"Invariance to {_NOUN[self.transform]} grows with depth"
         chosen = spread_indices(len(audit_set), self.samples)
         if len(chosen) < 2:
             why = (f"audit set {audit_set.name!r} has {len(audit_set)} sample(s); the spread between images needs "
                    f"at least 2 and the test at alpha = {self.alpha:g} needs {needed_samples(self.alpha)}")
+            top = layers[-1]
+            if chosen:
+                try:
+                    top = _penultimate_label(em.penultimate_layer(subject, audit_set.subset(chosen).images()))
+                except AuditModelError:
+                    pass
             result = self.decided(self._decide(top, bottom, [], [], [], why), metric=METRIC)
             result.title = title
             return result
@@ -203,13 +254,21 @@ class InvarianceGrowsWithDepth(Check):
         ids = [sample.id for sample in subset]
         names = list(subset.class_names)
         classes = [names[int(c)] if int(c) < len(names) else str(int(c)) for c in labels]
-        base, base_logits = fe.features_and_logits(subject, images, layers)
-        _finite(base, layers, ids, "")
-        spread = {name: fe.mean_pairwise_distance(base[name]) for name in layers}  # shared denominators
+        head, label, base, base_logits, no_head = self._head(subject, images, layers)
+        points = [*layers, label] if head else list(layers)  # depth points; the last one is the judged top
+        top = points[-1]
+        if head:
+            compared = (f"the penultimate features (the input of the final nn.Linear {head!r}, depth "
+                        f"{len(points)}) against the first named layer {bottom!r}")
+        else:
+            compared = (f"the last named layer {top!r} against the first named layer {bottom!r}, as before: "
+                        f"{no_head}")
+        _finite(base, points, ids, "")
+        spread = {name: fe.mean_pairwise_distance(base[name]) for name in points}  # shared denominators
         per, table, prob, rhos, gains = _measure(subject, images, labels, layers, self.transform, mags, base,
-                                                 spread, ids)
+                                                 spread, ids, head, label)
         prob[1.0 if self.transform == "scale" else 0.0] = _true_class_probability(base_logits, labels)
-        depth = list(range(1, len(layers) + 1))
+        depth = list(range(1, len(points) + 1))
         finite_rhos = [r for r in rhos if math.isfinite(r)]
         mean_rho = float(sum(rhos) / len(rhos))
         mean_gain = float(sum(gains) / len(gains))
@@ -221,32 +280,35 @@ class InvarianceGrowsWithDepth(Check):
         for other in self.compare:
             o_mags = DEFAULT_MAGNITUDES[other]
             _, o_table, _, o_rhos, o_gains = _measure(subject, images, labels, layers, other, o_mags, base, spread,
-                                                      ids)
+                                                      ids, head, label)
             shown[other] = {"magnitudes": list(o_mags), "invariance": {f"{m:g}": o_table[m] for m in o_mags},
                             "rho_per_magnitude": o_rhos, "gain_per_magnitude": o_gains,
                             "mean_rho": float(sum(o_rhos) / len(o_rhos)),
                             "mean_gain": float(sum(o_gains) / len(o_gains)), "judged": False, "table": o_table}
 
-        constant = [name for name in layers if fe.rows_all_equal(base[name])]  # up to rounding
+        constant = [name for name in points if fe.rows_all_equal(base[name])]  # up to rounding
         unmeasurable = [name for name in (bottom, top) if name in constant]
         decision = self._decide(top, bottom, _untie(inv_top, inv_bottom).tolist(), inv_bottom.tolist(), classes)
         notes = []
         if constant:
-            notes.append(f"layer(s) {', '.join(constant)} give the same output for every image, so their "
-                         f"invariance cannot be measured")
-        if unmeasurable:  # the model's fault: the compared layer carries no information about the image
+            named = [name for name in constant if name in layers]
+            what = ([f"layer(s) {', '.join(named)}"] if named else []) + (
+                [f"the penultimate features (input of {head})"] if head and label in constant else [])
+            notes.append(f"{' and '.join(what)} give the same output for every image, so their invariance cannot "
+                         f"be measured")
+        if unmeasurable:  # the model's fault: the compared representation carries no information about the image
             decision = dataclasses.replace(decision, status=Status.FAILED, reason=notes[0] + (
-                f"; the check compares the top layer {top!r} with the bottom layer {bottom!r}"))
+                f"; the check compares {compared}"))
             notes = []
 
         rows = [{"transform": self.transform, "judged": "yes", "layer": name, "depth": d, "magnitude": m,
-                 "invariance": table[m][name]} for m in mags for d, name in zip(depth, layers)]
+                 "invariance": table[m][name]} for m in mags for d, name in zip(depth, points)]
         rows += [{"transform": other, "judged": "no (shown only)", "layer": name, "depth": d, "magnitude": m,
                   "invariance": info["table"][m][name]}
-                 for other, info in shown.items() for m in info["magnitudes"] for d, name in zip(depth, layers)]
+                 for other, info in shown.items() for m in info["magnitudes"] for d, name in zip(depth, points)]
         per_mag = ", ".join(f"{m:g}{unit}: rho {r:.2f}, gain {g:+.2f}" for m, r, g in zip(mags, rhos, gains))
-        notes.append(f"{self.transform} by {', '.join(f'{m:g}{unit}' for m in mags)}, {len(chosen)} samples; judged: "
-                     f"{top} (top) against {bottom} (bottom), per sample")
+        notes.append(f"{self.transform} by {', '.join(f'{m:g}{unit}' for m in mags)}, {len(chosen)} samples; judged "
+                     f"per sample: {compared}")
         notes.append(f"shown, not judged: Spearman(depth, invariance) {mean_rho:.2f} on average; {per_mag}")
         if shown:
             notes.append("other transforms, not judged: " + ", ".join(
@@ -257,8 +319,9 @@ class InvarianceGrowsWithDepth(Check):
         result = self.decided(
             decision, metric=METRIC, rows=rows,
             columns=["transform", "judged", "layer", "depth", "magnitude", "invariance"], message="; ".join(notes),
-            details={"transform": self.transform, "magnitudes": list(mags), "layers": layers, "bottom": bottom,
-                     "top": top, "rho_per_magnitude": rhos, "mean_rho": mean_rho,
+            details={"transform": self.transform, "magnitudes": list(mags), "layers": layers, "points": points,
+                     "bottom": bottom, "top": top, "top_kind": "penultimate" if head else "last named layer",
+                     "head": head, "no_head": no_head, "rho_per_magnitude": rhos, "mean_rho": mean_rho,
                      "rho_judged": False, "rho_finite": len(finite_rhos), "gain_per_magnitude": gains,
                      "mean_gain": mean_gain, "min_gain": self.min_gain, "samples": len(chosen),
                      "per_sample": per_sample, "invariance": {f"{m:g}": table[m] for m in mags},
@@ -267,18 +330,19 @@ class InvarianceGrowsWithDepth(Check):
                                  for other, info in shown.items()}},
         )
         result.title = title
-        series = {f"{self.transform} {m:g}{unit}": (depth, [table[m][name] for name in layers]) for m in mags}
-        x_label = "depth (" + ", ".join(f"{d}={n}" for d, n in zip(depth, layers)) + ")"
+        series = {f"{self.transform} {m:g}{unit}": (depth, [table[m][name] for name in points]) for m in mags}
+        x_label = "depth (" + ", ".join(f"{d}={n}" for d, n in zip(depth, points)) + ")"
         svg = ev.line_chart_svg(series, title=f"Invariance to {self.transform} vs depth", x_label=x_label,
                                 y_label="invariance")
         result.evidence = [ev.svg_evidence(
             f"Invariance to {self.transform} by layer", svg,
             "1 - mean distance to the transformed image / mean distance between images, per layer "
-            "(1 = unchanged, 0 = as far as another image); one line per magnitude. Judged: the top layer "
-            "against the bottom one, per sample; the layers between are shown.")]
-        result.evidence += self._figure5(layers, table, prob, unit)
+            "(1 = unchanged, 0 = as far as another image); one line per magnitude. Judged, per sample: "
+            f"{top} (top{', the last point' if head else ''}) against {bottom} (bottom); the points between "
+            "are shown.")]
+        result.evidence += self._figure5(bottom, top, table, prob, unit)
         if shown:
-            result.evidence.append(self._comparison(layers, depth, x_label, table, shown))
+            result.evidence.append(self._comparison(points, depth, x_label, table, shown))
         return result
 
     def _comparison(self, layers, depth, x_label, table, shown):
@@ -296,13 +360,13 @@ class InvarianceGrowsWithDepth(Check):
             f"Each transform at its middle magnitude. Only {self.transform} is judged; "
             f"{', '.join(shown)} {'is' if len(shown) == 1 else 'are'} measured and shown, with no threshold.")
 
-    def _figure5(self, layers, table, prob, unit):
-        """As Zeiler & Fergus figure 5: feature change of the first and last layer, and p(true class),
-        against the transformation's magnitude (the identity included)."""
+    def _figure5(self, bottom, top, table, prob, unit):
+        """As Zeiler & Fergus figure 5: feature change of the two judged representations (bottom and top),
+        and p(true class), against the transformation's magnitude (the identity included)."""
         identity = 1.0 if self.transform == "scale" else 0.0
         sweep = sorted(set(self.used_magnitudes) | {identity})
         change = {name: [0.0 if m == identity else 1.0 - table[m][name] for m in sweep]
-                  for name in (layers[0], layers[-1])}
+                  for name in (bottom, top)}
         probability = [prob[m] for m in sweep]  # from the forward passes of the invariance sweep
         x_label = f"{self.transform} magnitude ({unit or 'factor'})"
         change_svg = ev.line_chart_svg({name: (sweep, values) for name, values in change.items()},
@@ -312,7 +376,7 @@ class InvarianceGrowsWithDepth(Check):
                                      title=f"Class probability under {self.transform}", x_label=x_label,
                                      y_label="mean p(true class)")
         return [
-            ev.svg_evidence(f"Feature change under {self.transform}: first vs last layer", change_svg,
+            ev.svg_evidence(f"Feature change under {self.transform}: bottom vs judged top", change_svg,
                             "Distance between the features of an image and of its transformed copy, relative to "
                             "the distance between different images (Zeiler & Fergus figure 5)."),
             ev.svg_evidence(f"True-class probability under {self.transform}", prob_svg,
@@ -322,8 +386,16 @@ class InvarianceGrowsWithDepth(Check):
 
 @dataclass
 class DeadUnits(Check):
-    """A channel is dead when its output is <= 0 for every audit image and position; the check
-    passes when the largest share of dead channels over the subject's layers is <= max_dead.
+    """A channel is dead when its output is constant, up to rounding, over the whole audit set (every image
+    and position: methods.features.dead_units, numerics.constant_rows of its values). After a ReLU that is
+    "never positive" (all zeros); after swish / SiLU / GELU a channel negative everywhere still varies and
+    carries information, so it is not dead, while a constant channel is dead after any activation. The
+    check passes when the largest share of dead channels over the subject's layers is <= max_dead.
+
+    A census over few images cannot call a channel dead: a channel that responds to something in a quarter
+    of the images is missed by every one of 4 images with probability 0.75^4 = 32 %, by 16 with 1 %. With
+    fewer than `min_images` (16) audit images the check is INCONCLUSIVE and says how many it needs; the
+    census of those images is still shown.
 
     Evidence: the share per layer; the activation maps of every layer for audit sample `sample`
     (at most max_maps channels per layer, dead ones outlined); the first RGB convolution's filters.
