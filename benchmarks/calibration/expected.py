@@ -202,10 +202,11 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("effnet-lite0-composites", "efficientnet-lite0", 224,
           "the same model on 36 composites: cat, cup, motorbike pasted at 8-35 % onto 6 backgrounds",
           audit="composites", n_audit=36,
+          skip={"inversion-converges": "run time at 224 px: the rule needs >= 7 images through the model and its "
+                                       "random copy (the scale issue measures it)",
+                "texture-synthesis-converges": "as inversion-converges"},
           overrides={
               "saliency-sanity": {"samples": 8},  # ~100 cascade steps at 224 px
-              "inversion-converges": {"samples": 1, "layers": ["stem", "stage3", "head"]},
-              "texture-synthesis-converges": {"samples": 1, "layers": ["stem", "stage3", "head"]},
               "class-visualisation": {"classes": ["cat", "cup", "motorbike"]},
               "occlusion-drop": {"evidence_samples": 4},
           },
