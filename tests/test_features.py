@@ -209,12 +209,14 @@ def test_invariance_formula_against_numpy():
 
 
 def test_dead_units_flags_the_channel_with_negative_bias():
+    """Dead = constant over every image and position: after the ReLU the negative-bias channel is all zeros
+    (dead); before it, the conv output is negative but varies (alive). Before: dead in both."""
     module = Net()
     with torch.no_grad():
         module.conv.bias[2] = -100.0
     with Subject(_spec(module), device="cpu", batch_size=4) as subject:
         dead = fe.dead_units(subject, _images(n=9), ["conv", "act"])
-    assert dead["conv"].tolist() == [False, False, True, False]
+    assert dead["conv"].tolist() == [False, False, False, False]
     assert dead["act"].tolist() == [False, False, True, False]
 
 
@@ -362,11 +364,11 @@ def test_dead_units_table_lists_dead_channels_and_draws_maps_and_filters():
     data = AuditSet(name="toy", class_names=("a", "b"),
                     samples=[Sample(image=images[i], label=i % 2, id=f"s{i}") for i in range(5)])
     with Subject(_spec(module, layers=("conv", "act")), device="cpu") as subject:
-        result = DeadUnits(max_dead=0.5, sample=3, max_maps=3).execute(subject, data)
+        result = DeadUnits(max_dead=0.5, sample=3, max_maps=3, min_images=5).execute(subject, data)
         out_of_range = DeadUnits(sample=5).execute(subject, data)
     assert result.status is Status.PASSED and result.value == 0.25
-    assert [(r["layer"], r["dead"], r["dead_channels"]) for r in result.rows] == [("conv", 1, "2"), ("act", 1, "2")]
-    assert result.details["dead_channels"] == {"conv": [2], "act": [2]}
+    assert [(r["layer"], r["dead"], r["dead_channels"]) for r in result.rows] == [("conv", 0, ""), ("act", 1, "2")]
+    assert result.details["dead_channels"] == {"conv": [], "act": [2]}
     titles = [e.title for e in result.evidence]
     assert titles == ["Dead channels per layer", "Activation maps of conv for sample 3",
                       "Activation maps of act for sample 3", "First-layer filters (conv, RGB)"]
@@ -388,7 +390,7 @@ def test_dead_units_without_rgb_conv_skips_filters_with_a_note():
     data = AuditSet(name="toy", class_names=("a", "b"),
                     samples=[Sample(image=images[i], label=0, id=f"s{i}") for i in range(3)])
     with Subject(_spec(Ident(), size=6, layers=("feat",)), device="cpu") as subject:
-        result = DeadUnits(max_dead=1.0).execute(subject, data)
+        result = DeadUnits(max_dead=1.0, min_images=3).execute(subject, data)
     assert result.status is Status.PASSED
     assert [e.title for e in result.evidence] == ["Dead channels per layer", "Activation maps of feat for sample 0"]
     assert "no nn.Conv2d with 3 input channels" in result.details["filters"]

@@ -404,20 +404,24 @@ class DeadUnits(Check):
     kind = "dead-units"
     title = "Few dead units"
     description = (
-        "A channel is dead when max over images and positions of its output is <= 0. "
-        "Value = the largest share of dead channels over the layers; passes when <= max_dead."
+        "A channel is dead when its output is constant (max - min <= rtol * max |x|, rtol 1e-5 in float32) over "
+        "every audit image and position: after a ReLU, all zeros; after swish / GELU, a negative but varying "
+        "channel is alive. Value = the largest share of dead channels over the layers; passes when <= max_dead. "
+        "Fewer than min_images (default 16) audit images: INCONCLUSIVE (a channel may simply not have been "
+        "triggered)."
     )
 
     max_dead: float = 0.1
     sample: int = 0
     max_maps: int = 64
+    min_images: int = 16
 
     def validate(self) -> None:
         require_unit(self, "max_dead")
         if self.sample < 0:
             raise CheckConfigError(f"check {self.name!r}: sample must be an index >= 0 into the audit set, "
                                    f"got {self.sample}")
-        require_at_least(self, max_maps=1)
+        require_at_least(self, max_maps=1, min_images=1)
 
     def run(self, subject, audit_set) -> CheckResult:
         layers = list(subject.layers)
@@ -441,20 +445,35 @@ class DeadUnits(Check):
                          "share": len(idx) / channels if channels else 0.0, "dead_channels": shown})
         worst = max(rows, key=lambda r: r["share"])
         details = {"dead_per_layer": {r["layer"]: r["dead"] for r in rows},
-                   "dead_channels": {name: torch.nonzero(dead[name]).flatten().tolist() for name in layers}}
-        result = self.result(
-            metric="largest dead share", value=worst["share"], threshold=self.max_dead, direction="<=",
-            rows=rows, columns=["layer", "channels", "dead", "share", "dead_channels"],
-            message=(f"{len(audit_set)} images; worst layer {worst['layer']}: {worst['dead']} of "
-                     f"{worst['channels']} channels dead ({worst['share']:.1%}); "
-                     f"{sum(r['dead'] for r in rows)} dead channels over {len(layers)} layers"),
-            details=details,
-        )
+                   "dead_channels": {name: torch.nonzero(dead[name]).flatten().tolist() for name in layers},
+                   "images": len(audit_set), "min_images": self.min_images}
+        census = (f"worst layer {worst['layer']}: {worst['dead']} of {worst['channels']} channels dead "
+                  f"({worst['share']:.1%}); {sum(r['dead'] for r in rows)} dead channels over {len(layers)} layers")
+        columns = ["layer", "channels", "dead", "share", "dead_channels"]
+        if len(audit_set) < self.min_images:
+            details["largest_dead_share"] = worst["share"]
+            result = CheckResult(
+                check=self.name, kind=self.kind, status=Status.INCONCLUSIVE, metric="largest dead share",
+                value=None, threshold=float(self.max_dead), direction="<=", rows=rows, columns=columns,
+                message=(f"only {len(audit_set)} audit images; the census needs at least min_images = "
+                         f"{self.min_images} before it calls a channel dead (below that a channel may simply not "
+                         f"have been triggered): {self.min_images - len(audit_set)} more needed. On these "
+                         f"{len(audit_set)} images (not judged): {census}"),
+                details=details)
+        else:
+            result = self.result(
+                metric="largest dead share", value=worst["share"], threshold=self.max_dead, direction="<=",
+                rows=rows, columns=columns, message=f"{len(audit_set)} images; {census}",
+                details=details,
+            )
         svg = ev.bar_chart_svg([r["layer"] for r in rows], [r["share"] for r in rows],
                                title="Share of dead channels per layer", threshold=self.max_dead,
                                direction="<=", y_label="dead share")
-        result.evidence = [ev.svg_evidence("Dead channels per layer", svg,
-                                           "Share of channels whose output is never positive on the audit set.")]
+        result.evidence = [ev.svg_evidence(
+            "Dead channels per layer", svg,
+            f"Share of channels whose output is constant (up to rounding) over every image and position of the "
+            f"{len(audit_set)} audit images" + ("" if len(audit_set) >= self.min_images else
+                                               f" (fewer than min_images = {self.min_images}: not judged)") + ".")]
         result.evidence += self._activation_maps(subject, audit_set, layers, dead, details)
         result.evidence += self._first_filters(subject, details)
         return result

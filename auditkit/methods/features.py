@@ -13,7 +13,7 @@
 - ``invariance`` / ``invariance_per_sample``: how little a layer's features
   move under a transform, relative to how far apart different images are
   (the layer's mean, or one value per image over the same denominator).
-- ``dead_units``: channels whose output is never positive on the images.
+- ``dead_units``: channels whose output is constant (up to rounding) over the images.
 - ``rows_all_equal``: whether every image gave the same features, up to rounding.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from auditkit.methods.numerics import constant_rows
+from auditkit.methods.numerics import constant_rows, require_finite
 from auditkit.subject import AuditModelError
 
 Transform = Callable[[torch.Tensor, float], torch.Tensor]
@@ -298,25 +298,38 @@ def invariance(
 
 
 def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """layer -> C bool tensor: channel c is dead when its output is <= 0 for every image and position
-    (max over images, positions and calls of the layer <= 0).
+    """layer -> C bool tensor: channel c is dead when its output is constant, up to rounding, over every
+    image, position and call of the layer: numerics.constant_rows (the project's one "constant up to
+    rounding" rule) of the channel's values, max - min <= rtol * max(|max|, |min|).
 
-    The channel is dimension 1 of the layer's output (N x C x ... ; for an
-    N x C output each column is a channel). Each hook folds its output into a
-    running per-channel maximum, so no features are stored.
+    A dead channel tells no image and no position from another, whatever the activation. After a ReLU the
+    rule is "never positive" (all zeros; a channel constant at a positive value is dead too). After swish /
+    SiLU / GELU, or before any activation, a channel negative everywhere that still varies carries
+    information and is not dead: "max <= 0" would call it dead.
+
+    The channel is dimension 1 of the layer's output (N x C x ... ; for an N x C output each column is a
+    channel). Each hook folds its output into a running per-channel minimum and maximum, kept in the
+    layer's dtype (so the rounding tolerance is that dtype's), so no features are stored. An output
+    holding NaN or inf raises NonFiniteError naming the layer and the images.
     """
     if images.shape[0] == 0:
         raise ValueError("dead_units needs at least one image, got an empty batch")
-    peak: dict[str, torch.Tensor] = {}
+    low: dict[str, torch.Tensor] = {}
+    high: dict[str, torch.Tensor] = {}
 
-    def fold(name: str, _start: int, value: torch.Tensor) -> None:
+    def fold(name: str, start: int, value: torch.Tensor) -> None:
         if value.ndim < 2:
             raise AuditModelError(
                 f"model {subject.name!r}: layer {name!r} output has shape {tuple(value.shape)}; "
                 "dead_units needs N x C (x ...)"
             )
-        m = value.transpose(0, 1).flatten(1).amax(dim=1).float().cpu()
-        peak[name] = m if name not in peak else torch.maximum(peak[name], m)
+        per_channel = value.transpose(0, 1).flatten(1)
+        lo, hi = per_channel.amin(dim=1).cpu(), per_channel.amax(dim=1).cpu()
+        if value.is_floating_point() and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            require_finite(value, "layer output", method="dead_units", layer=name,
+                           sample_ids=list(range(start, start + value.shape[0])))
+        low[name] = lo if name not in low else torch.minimum(low[name], lo)
+        high[name] = hi if name not in high else torch.maximum(high[name], hi)
 
     _sweep(subject, images, layers, fold)
-    return {name: peak[name] <= 0 for name in layers}
+    return {name: constant_rows(torch.stack([low[name], high[name]], dim=1)) for name in layers}
