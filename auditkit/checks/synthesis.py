@@ -19,22 +19,32 @@ from auditkit.methods.randomisation import random_copy
 class ClassVisualisation(Check):
     """For up to `max_classes` classes (or those named in `classes`), optimise one image from noise to
     maximise the class score S_c (Simonyan et al. 2013) with an L2 pull to grey, jitter and a Fourier
-    parametrisation weighted 1/f^decay (Lucid's, with decay 2 to favour large structures). Each image must
-    reach p(c | x*) >= min_prob within `steps`: a class no image can reach is a defect worth seeing. The
-    value is the share of the visualised classes reached; all must be. The classes chosen are the audit
-    set's own (those among its labels, in the model's class order) first, then the model's other classes in
-    order, `max_classes` in all (0: every class), so an ImageNet model is not asked for 1000 images; the
+    parametrisation weighted 1/f^decay (Lucid's, with decay 2 to favour large structures).
+
+    Evidence only (INFO): how far p(c | x*) gets within `steps` depends on the optimiser's budget (steps,
+    lr, the regulariser) more than on the model (a 90 %-accurate plain CNN does not reach p >= 0.9 for one
+    class in the budget, a ViT reaches 1 of 4) and the check has no control to tell the two apart. So the
+    images and each class's reached probability are shown, min_prob (0.9) is the line drawn on them and
+    decides the "reached" column, and the message lists the classes no image reached (a defect worth
+    seeing). The value is the share of the visualised classes reached. Only when every visualised class
+    diverged (NaN / inf score) is the result FAILED: the model gave nothing to look at.
+
+    The classes chosen are the audit set's own (those among its labels, in the model's class order) first,
+    then the model's other classes in order, `max_classes` in all (0: every class), so an ImageNet model is
+    not asked for 1000 images; the
     result says how many of how many were visualised. They are optimised in batches of at most the
     Subject's batch_size (methods.synthesis.visualise_classes). A model of one class is an ERROR: its
     softmax is 1 for any image.
     """
 
     kind = "class-visualisation"
-    title = "Every class can be visualised"
+    title = "Class visualisation"
     description = (
         "x*_c = argmax_x S_c(x) - lambda_l2 * mean (x - 0.5)^2, x = sigmoid(Fourier image, 1/f^decay) from "
-        "noise, jitter each step, Adam with a cosine schedule. Passes when p(c | x*_c) >= min_prob for every "
-        "visualised class c: at most max_classes (16), the audit set's classes first, then the model's others."
+        "noise, jitter each step, Adam with a cosine schedule. Evidence only: the images and p(c | x*_c) per "
+        "class, 'reached' when >= min_prob, the unreached classes named (the reach depends on the optimiser's "
+        "budget more than on the model); FAILED only when every class diverged (NaN/inf). At most max_classes "
+        "(16) classes, the audit set's classes first, then the model's others."
     )
 
     classes: tuple[str, ...] = ()
@@ -94,18 +104,26 @@ class ClassVisualisation(Check):
             final = scores[~torch.isnan(scores)]
             rows.append({"class": names[c], "probability": prob,
                          "final_score": float(final[-1]) if final.numel() else math.nan,
-                         "passed": not reason, "reason": reason})
-        reached = sum(r["passed"] for r in rows)
-        failed = [r for r in rows if not r["passed"]]
+                         "reached": not reason, "reason": reason})
+        reached = sum(r["reached"] for r in rows)
+        unreached = [r for r in rows if not r["reached"]]
         which = ("the named classes" if self.classes else
                  f"the audit set's classes first, at most max_classes = {self.max_classes}" if self.max_classes
                  else "every class")
         message = (f"visualised {len(classes)} of {len(names)} classes ({which}), in batches of at most "
                    f"{vis.params['batch_size']}; {reached} of {len(rows)} reach p >= {self.min_prob:g}"
-                   + (": " + "; ".join(f"{r['class']}: {r['reason']}" for r in failed) if failed else ""))
-        details = {**vis.params, "classes_visualised": len(classes), "classes_total": len(names)}
-        result = self.result(metric="classes reached", value=reached / len(rows), threshold=1.0, direction=">=",
-                             rows=rows, columns=list(rows[0]), message=message, details=details)
+                   + (f" in {self.steps} steps; not reached: " + "; ".join(f"{r['class']}: {r['reason']}"
+                                                                        for r in unreached) if unreached else ""))
+        details = {**vis.params, "classes_visualised": len(classes), "classes_total": len(names),
+                   "min_prob": self.min_prob, "unreached": [r["class"] for r in unreached]}
+        if all(bool(d) for d in vis.diverged):  # nothing finite to show: the model, not the budget, failed
+            result = self.result(metric="classes reached", value=reached / len(rows), threshold=1.0,
+                                 direction=">=", rows=rows, columns=list(rows[0]),
+                                 message=f"every visualised class diverged (NaN/inf score); {message}",
+                                 details=details)
+        else:
+            result = self.info_result(metric="classes reached", value=reached / len(rows), rows=rows,
+                                      columns=list(rows[0]), message=f"evidence only; {message}", details=details)
         result.evidence = self._evidence(vis, rows)
         return result
 
@@ -121,7 +139,8 @@ class ClassVisualisation(Check):
                                 title="Class score during the optimisation", x_label="step", y_label="score (logit)")
         return [ev.png_evidence("Class visualisations", grid,
                                 f"One image per class, optimised from noise; titles: the class and the model's "
-                                f"probability of it (needs >= {self.min_prob:g})."),
+                                f"probability of it ('reached' when >= {self.min_prob:g}; evidence, not a verdict: "
+                                f"the reach depends on the optimiser's budget)."),
                 ev.svg_evidence("Class score curves", svg, "The optimised class score per step, one line per class.")]
 
 
