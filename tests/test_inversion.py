@@ -304,3 +304,14 @@ def test_total_variation_of_a_one_pixel_wide_image_is_zero_not_nan():
 
     for shape in ((2, 3, 1, 5), (2, 3, 5, 1)):
         assert torch.equal(total_variation(torch.rand(shape), 2.0), torch.zeros(2))
+
+
+def test_one_image_is_inconclusive_before_anything_is_optimised():
+    """samples = 1: no other image to normalise by; it used to FAIL with a NaN error."""
+    from auditkit.checks.synthesis import TextureSynthesisConverges
+
+    with Subject(wavy_spec(), device="cpu") as subject:
+        for check in (InversionConverges(steps=20, samples=1), TextureSynthesisConverges(steps=20, samples=1)):
+            result = check.execute(subject, probe_set(8))
+            assert result.status is Status.INCONCLUSIVE, result.summary()
+            assert "only 1 image(s) chosen" in result.message and not result.evidence

@@ -11,7 +11,7 @@ import torch
 from auditkit import evidence as ev
 from auditkit.checks.base import (Check, CheckConfigError, CheckResult, Status, require_alpha, require_at_least,
                                   require_unit)
-from auditkit.checks.decision import ALPHA, combine, decide
+from auditkit.checks.decision import ALPHA, combine, decide, needed_samples
 from auditkit.methods import inversion as inv
 from auditkit.methods.optimise import relative_fall
 from auditkit.methods.randomisation import random_copy
@@ -152,6 +152,20 @@ class ConvergenceCheck(Check):
         if self.parametrisation not in ("fourier", "sigmoid"):
             raise CheckConfigError(f"check {self.name!r}: parametrisation must be 'fourier' or 'sigmoid', "
                                    f"got {self.parametrisation!r}")
+
+    def too_few_samples(self, indices: Sequence[int], audit_set) -> CheckResult | None:
+        """INCONCLUSIVE before anything is optimised when fewer than 2 images are chosen: the normalised error
+        divides by the distance to the other images, which one image does not have. (From 2 images on the
+        layers run, so a real non-convergence still FAILS; below decision.needed_samples the verdict is
+        INCONCLUSIVE.) None when there are enough."""
+        if len(indices) >= 2:
+            return None
+        why = (f"only {len(indices)} image(s) chosen (samples = {self.samples}, audit set {audit_set.name!r} of "
+               f"{len(audit_set)}): the normalised error needs other images to measure against, and the paired "
+               f"test against random weights needs at least {needed_samples(self.alpha)}; nothing was optimised")
+        decision = decide([], [], effect="ratio", min_effect=self.min_ratio, alpha=self.alpha, inconclusive=why)
+        return self.decided(decision, metric="random / trained error (geometric mean)",
+                            details={"samples": list(indices)})
 
     def layer_verdict(self, total: torch.Tensor, error: float, blockers: Sequence[str],
                       what: str = "normalised error") -> tuple[float, float, list[str]]:
@@ -310,6 +324,9 @@ class InversionConverges(ConvergenceCheck):
         from auditkit.subject import Subject
 
         layers, indices, images = layers_and_sources(self, subject, audit_set)
+        undecided = self.too_few_samples(indices, audit_set)
+        if undecided is not None:
+            return undecided
         ids = [audit_set[i].id or str(i) for i in indices]
         groups = [audit_set.class_names[int(label)] for label in audit_set.labels()[indices]]
         results = self._invert(subject, images, layers, ids)

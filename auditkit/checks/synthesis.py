@@ -193,6 +193,9 @@ class TextureSynthesisConverges(ConvergenceCheck):
         from auditkit.subject import Subject
 
         layers, indices, images = layers_and_sources(self, subject, audit_set)
+        undecided = self.too_few_samples(indices, audit_set)
+        if undecided is not None:
+            return undecided
         groups = [audit_set.class_names[int(label)] for label in audit_set.labels()[indices]]
         res = self._synthesise(subject, images, layers)
         rnd = None

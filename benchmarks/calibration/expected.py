@@ -94,7 +94,9 @@ def good(**changes: Expect) -> dict[str, Expect]:
         "class-separation": Expect("passed", "good", "trained features separate the 4 shapes"),
         "max-activating-patches": Expect("info", "good", "evidence only"),
         "inversion-converges": Expect("passed", "good", "small nets' features invert in 100 steps (as the demo's)"),
-        "class-visualisation": Expect("passed", "good", "each class score can be driven to p >= 0.9 from noise"),
+        # changed after the first run: class-visualisation became evidence only (INFO) in the rewrite
+        "class-visualisation": Expect("info", "good", "evidence only; each class score should be driven to "
+                                      "p >= 0.9 from noise (listed if not)"),
         "texture-synthesis-converges": Expect("passed", "good", "Gram matrices of small nets match in 300 steps"),
     }
     base.update(changes)
@@ -216,10 +218,8 @@ ENTRIES: tuple[Entry, ...] = (
               "feature-neighbours": Expect("passed", "good", "every background appears under every class, so pixel "
                                            "neighbours agree at about chance; ImageNet features cluster by object"),
               "class-separation": Expect("passed", "good", "ImageNet features separate cats, cups and motorbikes"),
-              "inversion-converges": Expect("passed", "good", "1 sample, 3 layers (run time)"),
-              "texture-synthesis-converges": Expect("passed", "good", "1 sample, 3 layers (run time)"),
-              "class-visualisation": Expect("passed", "good", "the 3 object classes, each the sum of its ImageNet "
-                                            "classes, can be reached"),
+              "class-visualisation": Expect("info", "good", "evidence only; the 3 object classes, each the sum of "
+                                            "its ImageNet classes, should be reached"),
           })),
     # ---- planted flaws ----------------------------------------------------------------------------------
     Entry("flaw-watermark-plain-64", "plain", 64, "plain stack trained where only a corner watermark gives "
