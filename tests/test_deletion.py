@@ -197,13 +197,14 @@ def test_check_on_the_weighted_sum_with_the_gradient_map():
     assert d["deletion_margin"] == pytest.approx(d["deletion_auc_random"] - d["deletion_auc"], abs=1e-6)
     wins_del = sum(r["deletion_auc"] < r["deletion_auc_random"] for r in result.rows) / 8
     wins_ins = sum(r["insertion_auc"] > r["insertion_auc_random"] for r in result.rows) / 8
-    wins = sum(r["insertion_auc"] - r["deletion_auc"] > r["insertion_auc_random"] - r["deletion_auc_random"]
-               for r in result.rows) / 8
-    assert result.value == pytest.approx(wins) == 1.0 and wins_del == wins_ins == 1.0
-    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 wins: exact sign test
+    margins = [((r["insertion_auc"] - r["deletion_auc"]) - (r["insertion_auc_random"] - r["deletion_auc_random"]))
+               / r["p"] for r in result.rows]
+    assert result.value == pytest.approx(sum(margins) / 8, rel=1e-5) and wins_del == wins_ins == 1.0
+    assert all(m > 0 for m in margins)
+    assert result.decision["p_value"] == pytest.approx(0.5 ** 8)  # 8 of 8 positive margins: exact signed rank
     assert result.details["deletion"]["effect"] == 1.0  # each curve's own test is shown beside it
     assert [r["sample"] for r in result.rows] == [f"t{i}" for i in range(8)]
-    assert set(result.columns) == {"sample", "label", "deletion_auc", "deletion_auc_random", "insertion_auc",
+    assert set(result.columns) == {"sample", "label", "p", "deletion_auc", "deletion_auc_random", "insertion_auc",
                                    "insertion_auc_random"}
     assert len(result.evidence) == 2 and all(e.media_type == "image/svg+xml" for e in result.evidence)
     # the same numbers on two samples cannot decide: even 2 of 2 wins give p = 0.25
@@ -249,7 +250,8 @@ def test_demo_shortcut_runs_and_leaves_the_model_unchanged(demo_results):
 
 
 def test_one_curve_alone_does_not_decide():
-    """The map loses deletion on 3 of 8 samples but wins the combined score everywhere: it passes."""
+    """The map loses deletion on 3 of 8 samples but wins the combined score everywhere (shown with the sign
+    test the combined rule replaced; the check's own rule also weighs by magnitude)."""
     import numpy as np
 
     from auditkit.checks.decision import decide
@@ -261,3 +263,10 @@ def test_one_curve_alone_does_not_decide():
     combined = decide(ins_map - del_map, ins_rand - del_rand, effect="win_rate", min_effect=0.6)
     assert deletion.effect == pytest.approx(5 / 8) and deletion.p_value > 0.01
     assert combined.effect == 1.0 and combined.p_value == pytest.approx(0.5 ** 8)
+
+
+def test_min_margin_must_be_a_non_negative_number():
+    from auditkit.checks.base import CheckConfigError
+
+    with pytest.raises(CheckConfigError, match="min_margin must be a number >= 0"):
+        DeletionInsertion(min_margin=-0.1)

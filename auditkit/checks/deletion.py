@@ -21,10 +21,11 @@ class DeletionInsertion(Check):
     random order. Per sample: deletion AUC (grey replaces the top pixels; lower is better) and
     insertion AUC (the top pixels are revealed on a blurred image; higher is better), for the map
     and for `random_orders` random orders (averaged). Per sample the score of an order is
-    insertion AUC - deletion AUC (higher is better; both curves at once). Decision (checks.decision,
-    effect "win_rate"): the map wins a sample when its score beats the random order's; the check
-    passes when the map wins >= min_win_rate of the untied samples and a one-sided binomial (sign)
-    test gives p <= alpha. Each curve's own win rate and sign test are shown, not judged: grey
+    (insertion AUC - deletion AUC) / p, with p the true-class probability of the intact image (higher
+    is better; both curves at once; dividing by p makes it a share of what there was to lose).
+    Decision (checks.decision, effect "difference"): passes when mean(score_map - score_random) >=
+    min_margin and a one-sided Wilcoxon signed-rank test of score_map - score_random > 0 gives
+    p <= alpha. Each curve's own win rate and sign test are shown, not judged: grey
     deletion puts images off the data the model saw, so one curve alone can mislead (Hooker et al.
     2019), while a faithful map wins on the two together.
     """
@@ -35,15 +36,16 @@ class DeletionInsertion(Check):
         "Pixels ranked by the saliency map; at step k of `steps` the top round(k/steps*H*W) pixels are "
         "replaced by 0.5 grey (deletion) or revealed on a blurred copy of the image (insertion), and the "
         "true-class softmax probability is recorded; AUC by the trapezoid rule on [0, 1]. "
-        "Per sample, score = AUC_ins - AUC_del, for the map's order and for a random order. Passes when the map's "
-        "score beats the random order's on >= min_win_rate of the untied samples and a one-sided binomial "
-        "(sign) test gives p <= alpha. Each curve's own win rate is shown beside it."
+        "Per sample, score = (AUC_ins - AUC_del) / p(intact image), for the map's order and for a random order. "
+        "Passes when mean(score_map - score_random) >= min_margin and a one-sided Wilcoxon signed-rank test of "
+        "score_map - score_random > 0 gives p <= alpha. Each curve's own win rate is shown beside it."
     )
 
     method: Method = "grad_cam"
     layer: str = ""
     steps: int = 32
-    min_win_rate: float = 0.6
+    min_margin: float = 0.1
+    min_win_rate: float = 0.6  # of each curve's own sign test, shown beside the verdict
     alpha: float = ALPHA
     samples: int = 0
     random_orders: int = 1
@@ -53,6 +55,8 @@ class DeletionInsertion(Check):
         require_at_least(self, steps=1, random_orders=1)
         if self.samples < 0:
             raise CheckConfigError(f"check {self.name!r}: samples must be >= 0 (0 = all), got {self.samples}")
+        if not (math.isfinite(self.min_margin) and self.min_margin >= 0.0):
+            raise CheckConfigError(f"check {self.name!r}: min_margin must be a number >= 0, got {self.min_margin}")
         if not 0.5 <= self.min_win_rate <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: min_win_rate must be in [0.5, 1] (0.5 is a coin flip), "
                                    f"got {self.min_win_rate}")
@@ -88,11 +92,13 @@ class DeletionInsertion(Check):
                           control_label="random order", better="lower", **options)
         insertion = decide(ins_map.tolist(), ins_rand.tolist(), value_label="insertion AUC (map order)",
                            control_label="random order", **options)
-        decision = decide((ins_map - del_map).tolist(), (ins_rand - del_rand).tolist(),
-                          value_label="insertion - deletion AUC (map order)", control_label="random order", **options)
+        intact = ours["deletion"][:, 0].clamp_min(1e-12)  # nothing deleted yet: p(true class | image)
+        decision = decide(((ins_map - del_map) / intact).tolist(), ((ins_rand - del_rand) / intact).tolist(),
+                          effect="difference", min_effect=self.min_margin, alpha=self.alpha, seed=self.seed,
+                          groups=groups, value_label="(ins - del AUC) / p, map order", control_label="random order")
 
         rows = [{
-            "sample": ids[j], "label": groups[j],
+            "sample": ids[j], "label": groups[j], "p": float(intact[j]),
             "deletion_auc": float(del_map[j]), "deletion_auc_random": float(del_rand[j]),
             "insertion_auc": float(ins_map[j]), "insertion_auc_random": float(ins_rand[j]),
         } for j, i in enumerate(chosen)]
@@ -101,7 +107,7 @@ class DeletionInsertion(Check):
             "insertion_auc": float(ins_map.mean()), "insertion_auc_random": float(ins_rand.mean()),
         }
         result = self.decided(
-            decision, metric="win rate over a random order (insertion - deletion AUC)", rows=rows,
+            decision, metric="mean margin of (insertion - deletion AUC) / p over a random order", rows=rows,
             columns=list(rows[0]),
             message=(f"{self.method}, {n} samples, {self.steps} steps; shown, not judged: the map wins deletion on "
                      f"{deletion.effect:.0%} (p = {deletion.p_value:.2g}; AUC {means['deletion_auc']:.3f} vs random "
