@@ -130,6 +130,24 @@ def _draw_clutter(image: Image.Image, rng: np.random.Generator) -> None:
         draw.ellipse([x - rx, y - ry, x + rx, y + ry], fill=tuple(rng.integers(0, 256, 3).tolist()))
 
 
+def paint_shape(image: np.ndarray, shape: np.ndarray, x0: int, y0: int, rng: np.random.Generator) -> np.ndarray:
+    """Paint the h x w boolean `shape` at (x0, y0) into the H x W x 3 float image in place, in the first of 16
+    random colours at RGB distance >= _MIN_CONTRAST from the mean background under it (else the farthest),
+    then add uniform noise of width _NOISE_SPAN and clip to [0, 1]. Returns the H x W mask of the shape."""
+    h, w = shape.shape
+    under = image[y0:y0 + h, x0:x0 + w][shape].mean(axis=0)
+    candidates = rng.uniform(0.0, 1.0, (16, 3))
+    dist = np.linalg.norm(candidates - under, axis=1)
+    ok = np.flatnonzero(dist >= _MIN_CONTRAST)
+    colour = candidates[ok[0] if ok.size else int(dist.argmax())]
+    mask = np.zeros(image.shape[:2], dtype=bool)
+    mask[y0:y0 + h, x0:x0 + w] = shape
+    image[mask] = colour
+    image += (rng.random(image.shape, dtype=np.float32) - 0.5) * _NOISE_SPAN
+    np.clip(image, 0.0, 1.0, out=image)
+    return mask
+
+
 def _one_image(
     seed: int, index: int, marker: MarkerMode, shape_mode: ShapeMode, size: int, up: np.ndarray
 ) -> tuple[np.ndarray, int, np.ndarray, tuple[int, int, int, int]]:
@@ -149,18 +167,7 @@ def _one_image(
     _draw_clutter(canvas, rng)
     image = np.asarray(canvas, dtype=np.float32) / 255.0
 
-    # A colour far enough from the background under the shape (best of a few tries).
-    under = image[y0:y0 + h, x0:x0 + w][shape].mean(axis=0)
-    candidates = rng.uniform(0.0, 1.0, (16, 3))
-    dist = np.linalg.norm(candidates - under, axis=1)
-    ok = np.flatnonzero(dist >= _MIN_CONTRAST)
-    colour = candidates[ok[0] if ok.size else int(dist.argmax())]
-
-    mask = np.zeros((size, size), dtype=bool)
-    mask[y0:y0 + h, x0:x0 + w] = shape
-    image[mask] = colour
-    image += (rng.random(image.shape, dtype=np.float32) - 0.5) * _NOISE_SPAN
-    np.clip(image, 0.0, 1.0, out=image)
+    mask = paint_shape(image, shape, x0, y0, rng)
 
     if marker != "none":
         k = label if marker == "class" else int(rng.integers(len(MARKER_PALETTE)))

@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from auditkit import AuditSet, Box, Sample
+from auditkit.demo.shapes import paint_shape
 
 CLASSES: tuple[str, ...] = ("circle", "triangle", "star", "cross")
 
@@ -50,8 +51,6 @@ BACKGROUND_PALETTE = ((0.70, 0.30, 0.30), (0.30, 0.62, 0.32), (0.30, 0.36, 0.72)
 TEXTURE_ANGLES = (0.0, 45.0, 90.0, 135.0)
 #: Objects keep out of the top-left KEEP_OUT * size / 64 px square (where a watermark goes).
 KEEP_OUT = 12
-_MIN_CONTRAST = 0.45
-_NOISE_SPAN = 0.1
 
 
 @dataclass(frozen=True)
@@ -202,16 +201,7 @@ def _one(spec: TaskSpec, seed: int, index: int) -> tuple[np.ndarray, int, tuple[
     canvas = Image.fromarray((_background(rng, size, label, spec.shortcut) * 255).round().astype(np.uint8))
     _clutter(canvas, rng)
     image = np.asarray(canvas, dtype=np.float32) / 255.0
-    under = image[y0:y0 + h, x0:x0 + w][mask].mean(axis=0)
-    candidates = rng.uniform(0.0, 1.0, (16, 3))
-    dist = np.linalg.norm(candidates - under, axis=1)
-    ok = np.flatnonzero(dist >= _MIN_CONTRAST)
-    colour = candidates[ok[0] if ok.size else int(dist.argmax())]
-    full = np.zeros((size, size), dtype=bool)
-    full[y0:y0 + h, x0:x0 + w] = mask
-    image[full] = colour
-    image += (rng.random(image.shape, dtype=np.float32) - 0.5) * _NOISE_SPAN
-    np.clip(image, 0.0, 1.0, out=image)
+    paint_shape(image, mask, x0, y0, rng)  # the demo's painting: contrasting colour, noise, clip
     if spec.shortcut == "watermark":
         a, b = round(2 * size / 64), round(8 * size / 64)
         image[a:b, a:b] = WATERMARK_PALETTE[label]
