@@ -90,10 +90,11 @@ class SaliencyInBox(Check):
         maps = sal.saliency_map(subject, images, labels, self.method, layer=self.layer or None, sample_ids=ids)
         area = sal.area_fraction(inside)
         energy = torch.nan_to_num(sal.energy_in_box(maps, inside), nan=0.0)  # no positive value: none inside
-        prior_energy = sal.energy_in_box(sal.centre_prior(n, h, w), inside)
+        prior = sal.centre_prior(n, h, w)
+        prior_energy = sal.energy_in_box(prior, inside)
         control = torch.maximum(prior_energy, area)
         hits = sal.pointing_hits(maps, boxes, self.tolerance_px)
-        prior_hits = sal.pointing_hits(sal.centre_prior(n, h, w), boxes, self.tolerance_px)
+        prior_hits = sal.pointing_hits(prior, boxes, self.tolerance_px)
 
         no_pixel = area <= 0
         too_large = ~no_pixel & (control > self.max_control_energy)
