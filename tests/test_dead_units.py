@@ -159,10 +159,10 @@ def test_check_passes_a_swish_model_whose_channels_are_negative_but_alive():
 def test_check_fails_a_relu_model_with_dead_channels_as_before():
     with Subject(_spec(Toy(nn.ReLU())), device="cpu") as subject:
         result = DeadUnits().execute(subject, _set(16))  # exactly min_images: judged
-    assert result.status is Status.FAILED and result.value == 0.75, result.summary()
+    assert result.status is Status.FAILED and result.value == 5 / 8, result.summary()  # (2 + 3) of 4 + 4
     assert [(r["layer"], r["dead"], r["dead_channels"]) for r in result.rows] == [("conv", 2, "2, 3"),
                                                                                   ("act", 3, "1, 2, 3")]
-    assert "act: 3 of 4 channels dead" in result.message
+    assert "5 of 8 channels dead over 2 layers" in result.message and "act: 3 of 4" in result.message
 
 
 def test_fewer_than_min_images_is_inconclusive_and_says_how_many_it_needs():
@@ -173,9 +173,48 @@ def test_fewer_than_min_images_is_inconclusive_and_says_how_many_it_needs():
     assert few.status is Status.INCONCLUSIVE and few.value is None, few.summary()
     assert "only 4 audit images" in few.message and "at least min_images = 16" in few.message
     assert "12 more needed" in few.message
-    assert few.details["largest_dead_share"] == 0.75 and few.details["min_images"] == 16
+    assert few.details["dead_share"] == 5 / 8 and few.details["min_images"] == 16
     assert [r["dead"] for r in few.rows] == [2, 3]  # the census is still shown
     assert "not judged" in few.evidence[0].caption
-    assert lowered.status is Status.FAILED and lowered.value == 0.75
+    assert lowered.status is Status.FAILED and lowered.value == 5 / 8
     with pytest.raises(CheckConfigError, match="min_images"):
         DeadUnits(min_images=0)
+
+
+class TwoBranches(nn.Module):
+    """Two ReLU layers side by side: `narrow` (4 channels, `dead` of them never positive) and `wide`
+    (60 channels, all alive); the head reads both."""
+
+    def __init__(self, dead: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.narrow_conv, self.narrow = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+        self.wide_conv, self.wide = nn.Conv2d(3, 60, 3, padding=1), nn.ReLU()
+        self.head = nn.Linear(64, 2)
+        with torch.no_grad():
+            self.narrow_conv.weight[:dead] = 0.0
+            self.narrow_conv.bias[:dead] = -1.0
+            self.wide_conv.bias.fill_(10.0)  # positive everywhere: alive and varying
+
+    def forward(self, x):
+        both = torch.cat([self.narrow(self.narrow_conv(x)), self.wide(self.wide_conv(x))], dim=1)
+        return self.head(both.mean(dim=(2, 3)))
+
+
+def test_the_judged_share_is_over_all_layers_so_a_few_dead_units_in_one_layer_pass():
+    """EfficientNet-Lite0's case: 4 of its 32 stem channels never fire (12.5 % of that layer), a small share of
+    the network. Before: FAILED on the largest share of any one layer (here 2 of 4 = 50 % > 0.1)."""
+    with Subject(_spec(TwoBranches(dead=2), layers=("narrow", "wide")), device="cpu") as subject:
+        result = DeadUnits().execute(subject, _set(16))
+    assert result.status is Status.PASSED, result.summary()
+    assert result.value == 2 / 64 and result.details["largest_layer_share"] == 0.5
+    assert [r["dead"] for r in result.rows] == [2, 0]
+
+
+def test_a_layer_with_every_channel_dead_fails_whatever_the_share():
+    with Subject(_spec(TwoBranches(dead=4), layers=("narrow", "wide")), device="cpu") as subject:
+        result = DeadUnits().execute(subject, _set(16))
+    assert result.value == 4 / 64 < result.threshold  # the share alone would pass
+    assert result.status is Status.FAILED, result.summary()
+    assert "every channel of layer(s) narrow is dead" in result.message
+    assert result.details["layers_all_dead"] == ["narrow"]

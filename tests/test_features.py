@@ -366,7 +366,7 @@ def test_dead_units_table_lists_dead_channels_and_draws_maps_and_filters():
     with Subject(_spec(module, layers=("conv", "act")), device="cpu") as subject:
         result = DeadUnits(max_dead=0.5, sample=3, max_maps=3, min_images=5).execute(subject, data)
         out_of_range = DeadUnits(sample=5).execute(subject, data)
-    assert result.status is Status.PASSED and result.value == 0.25
+    assert result.status is Status.PASSED and result.value == 1 / 8  # 0 + 1 of 4 + 4 channels
     assert [(r["layer"], r["dead"], r["dead_channels"]) for r in result.rows] == [("conv", 0, ""), ("act", 1, "2")]
     assert result.details["dead_channels"] == {"conv": [], "act": [2]}
     titles = [e.title for e in result.evidence]
