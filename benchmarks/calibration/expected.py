@@ -20,7 +20,7 @@ from benchmarks.calibration.tasks import TaskSpec
 
 CHECKS: tuple[str, ...] = (
     "occlusion-drop", "saliency-in-box", "saliency-sanity", "deletion-insertion",
-    "invariance-grows-with-depth", "invariance-scale", "dead-units", "feature-neighbours", "class-separation",
+    "invariance-grows-with-depth", "dead-units", "feature-neighbours", "class-separation",
     "max-activating-patches", "inversion-converges", "class-visualisation", "texture-synthesis-converges",
 )
 LOCALISATION = ("occlusion-drop", "saliency-in-box")
@@ -87,7 +87,8 @@ def good(**changes: Expect) -> dict[str, Expect]:
                                      "kills p sooner than a random order"),
         "invariance-grows-with-depth": Expect("passed", "good", "strides and pooling make deeper layers more "
                                               "translation invariant (Zeiler & Fergus 4.4)"),
-        "invariance-scale": Expect("passed", "good", "objects of many sizes in training: deeper layers absorb scale"),
+        # changed after the second run: invariance-scale left the default suite (scale is shown beside
+        # translation, not judged): random weights passed it and good-resnet-96 did not (README)
         "dead-units": Expect("passed", "good", "normal training leaves few channels that never fire"),
         "feature-neighbours": Expect("passed", "good", "pixel neighbours share the label at about chance (random "
                                      "backgrounds and clutter), feature neighbours by shape"),
@@ -197,7 +198,6 @@ ENTRIES: tuple[Entry, ...] = (
               "class-separation": Expect("inconclusive", "good", "one image per class: no k-NN vote can be right"),
               "invariance-grows-with-depth": Expect(("passed", "inconclusive"), "good",
                                                     "4 images are few, but invariance needs no labels"),
-              "invariance-scale": Expect(("passed", "inconclusive"), "good", "as for translation"),
               "dead-units": Expect(("passed", "inconclusive"), "good", "a census over 4 images may call "
                                    "channels dead that other images would wake; should not FAIL"),
           })),
@@ -259,7 +259,8 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("flaw-dead-plain-64", "plain", 64, "plain stack with 50 % of stage2's and stage3's channels dead "
           "(zero weights, bias -1) from the start, then trained",
           train_task=SMALL_64, audit_task=SMALL_64, kill=((2, 0.5), (3, 0.5)), n_train=5000, epochs=12,
-          expect=flawed({"dead-units": "half of stage2's and stage3's channels never fire (> max_dead 10 %)"}, {
+          expect=flawed({"dead-units": "half of stage2's and stage3's channels never fire: 40 of the 160 channels of "
+                                       "the named layers, 25 % > max_dead 10 %"}, {
               c: ("passed", "the live half still learns the shapes") for c in
               ("occlusion-drop", "saliency-in-box", "feature-neighbours", "class-separation")
           })),

@@ -48,7 +48,7 @@ FAST_CHECKS = ("occlusion-drop", "saliency-in-box", "deletion-insertion",
 SHORT = {
     "occlusion-drop": "occl", "saliency-in-box": "sal-cam", "saliency-in-box-gradient": "sal-grad",
     "saliency-sanity": "sanity", "deletion-insertion": "del-ins", "invariance-grows-with-depth": "inv-tr",
-    "invariance-scale": "inv-sc", "dead-units": "dead", "feature-neighbours": "f-nbrs",
+    "dead-units": "dead", "feature-neighbours": "f-nbrs",
     "class-separation": "sep", "max-activating-patches": "patches", "inversion-converges": "invert",
     "class-visualisation": "cls-vis", "texture-synthesis-converges": "texture",
 }
