@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from auditkit import Box
 from auditkit.checks.base import Status
@@ -53,7 +54,7 @@ def test_unknown_method_and_bad_parameters_are_errors():
 
     with pytest.raises(CheckConfigError, match="method"):
         build_checks([{"kind": "saliency-in-box", "method": "magic"}])
-    with pytest.raises(CheckConfigError, match="layer applies to method 'grad_cam' only"):
+    with pytest.raises(CheckConfigError, match="layer applies to methods 'grad_cam' and 'auto' only"):
         build_checks([{"kind": "saliency-in-box", "method": "gradient", "layer": "stage2"}])
     with pytest.raises(ValueError, match="unknown saliency method 'magic'"):
         sal.saliency_map(None, torch.zeros(1, 3, 4, 4), torch.zeros(1, dtype=torch.long), "magic")
@@ -68,14 +69,15 @@ def demo_results():
 
     data = shapes_dataset()
     defaults = [c for c in build_checks() if c.kind == "saliency-in-box"]
-    assert [c.method for c in defaults] == ["grad_cam"]  # pixel gradients are opt-in (README)
+    assert [c.method for c in defaults] == ["auto"]  # Grad-CAM on a CNN; pixel gradients are opt-in (README)
     checks = defaults + build_checks([{"kind": "saliency-in-box", "name": "gradient", "method": "gradient"}])
     out = {}
     for factory in (demo_model, demo_shortcut_model):
         spec = factory()
         with Subject(spec, device="cpu") as subject:
             for check in checks:
-                out[spec.name, check.method] = check.execute(subject, data.for_model(spec.class_names, spec.input_size))
+                result = check.execute(subject, data.for_model(spec.class_names, spec.input_size))
+                out[spec.name, result.details["method"]] = result
     return out
 
 
@@ -156,3 +158,86 @@ def test_min_ratio_must_be_reachable():
 
     with pytest.raises(CheckConfigError, match=r"min_ratio must be in \[1, 1 / max_control_energy = 2\]"):
         SaliencyInBox(min_ratio=3.0, max_control_energy=0.5)
+
+
+# -- method "auto": Grad-CAM on convolutional layers, the pixel gradient on attention ----------------
+
+
+class _TokenBlock(nn.Module):
+    """A pre-norm attention block on an N x D x h x w grid; `style` names its query / key / value projections
+    as torchvision does (nn.MultiheadAttention), as timm does (qkv) or as Hugging Face does (query, key, value)."""
+
+    def __init__(self, dim: int, style: str):
+        super().__init__()
+        self.style, self.norm = style, nn.LayerNorm(dim)
+        if style == "mha":
+            self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        elif style == "qkv":
+            self.qkv = nn.Linear(dim, 3 * dim)
+        else:
+            self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, grid):
+        n, d, h, w = grid.shape
+        x = self.norm(grid.flatten(2).transpose(1, 2))
+        if self.style == "mha":
+            mixed = self.attn(x, x, x, need_weights=False)[0]
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1) if self.style == "qkv" else (self.query(x), self.key(x), self.value(x))
+            mixed = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, dim=-1) @ v
+        return grid + mixed.transpose(1, 2).reshape(n, d, h, w)
+
+
+class _TinyTransformer(nn.Module):
+    def __init__(self, style: str = "qkv", classes: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Conv2d(3, 8, 4, 4)
+        self.block = _TokenBlock(8, style)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("style", ["mha", "qkv", "query_key_value"])
+def test_holds_attention_finds_each_style_of_self_attention(style):
+    model = _TinyTransformer(style)
+    assert sal.holds_attention(model.block) and sal.holds_attention(model)
+    assert not sal.holds_attention(model.embed) and not sal.holds_attention(model.head)
+
+
+def test_holds_attention_is_false_for_convolutional_blocks():
+    from tests.toys import SmallNet
+
+    assert not sal.holds_attention(SmallNet())
+
+
+def test_auto_uses_grad_cam_on_a_cnn_and_the_gradient_on_attention():
+    from auditkit import ModelSpec
+    from auditkit.checks.saliency import SaliencyInBox
+    from auditkit.methods import gradients
+    from auditkit.subject import Subject
+    from tests.toys import halves_set, region_spec
+
+    data = halves_set(8)
+    with Subject(region_spec(), device="cpu") as cnn:
+        assert sal.auto_method(cnn) == ("grad_cam", "")
+        cnn_result = SaliencyInBox().execute(cnn, data)
+    assert cnn_result.details["method"] == "grad_cam" and cnn_result.details["method_requested"] == "auto"
+    assert "Grad-CAM" in cnn_result.title
+
+    spec = ModelSpec(module=_TinyTransformer("qkv"), class_names=["left", "right", "empty"], input_size=(16, 16),
+                     layers=["embed", "block"], name="tiny-vit")
+    with Subject(spec, device="cpu") as vit:
+        method, why = sal.auto_method(vit)
+        assert method == "gradient" and "layer 'block' holds a self-attention" in why
+        assert sal.auto_method(vit, "embed") == ("grad_cam", "")  # a named layer before the attention
+        images, labels = data.images(), data.labels()
+        auto_maps = sal.saliency_map(vit, images, labels, "auto")
+        expected = gradients.to_map(gradients.gradient(vit, images, labels), "max_abs")
+        result = SaliencyInBox().execute(vit, data)
+    assert torch.equal(auto_maps, expected)
+    assert result.status is not Status.ERROR, result.summary()
+    assert result.details["method"] == "gradient" and result.details["method_requested"] == "auto"
+    assert "holds a self-attention" in result.message and "gradient" in result.title

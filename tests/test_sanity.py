@@ -109,7 +109,7 @@ def test_spearman_matches_scipy_without_ties():
 
 
 def test_bad_parameters_are_config_errors():
-    with pytest.raises(CheckConfigError, match="layer applies to method 'grad_cam' only"):
+    with pytest.raises(CheckConfigError, match="layer applies to methods 'grad_cam' and 'auto' only"):
         SaliencySanity(method="gradient", layer="stage2")
     with pytest.raises(CheckConfigError, match="samples"):
         SaliencySanity(samples=0)

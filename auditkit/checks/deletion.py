@@ -10,7 +10,7 @@ import torch
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_alpha, require_at_least, spread_indices
 from auditkit.checks.decision import ALPHA, decide
-from auditkit.checks.saliency import Method, validate_method_layer
+from auditkit.checks.saliency import Method, run_auto, validate_method_layer
 from auditkit.methods import deletion as dl
 from auditkit.methods import saliency as sal
 
@@ -41,7 +41,7 @@ class DeletionInsertion(Check):
         "score_map - score_random > 0 gives p <= alpha. Each curve's own win rate is shown beside it."
     )
 
-    method: Method = "grad_cam"
+    method: Method = "auto"
     layer: str = ""
     steps: int = 32
     min_margin: float = 0.1
@@ -64,6 +64,8 @@ class DeletionInsertion(Check):
         validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
+        if self.method == "auto":
+            return run_auto(self, subject, audit_set)
         chosen = spread_indices(len(audit_set), self.samples)
         chosen_set = audit_set.subset(chosen)
         images, labels = chosen_set.images(), chosen_set.labels()

@@ -1,6 +1,7 @@
 """Check `saliency-in-box`: the saliency map's energy lands inside the object's boxes."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,14 +12,27 @@ from auditkit.checks.base import Check, CheckConfigError, CheckResult, listed, r
 from auditkit.checks.decision import ALPHA, decide, needed_samples
 from auditkit.methods import saliency as sal
 
-Method = Literal["gradient", "input_x_gradient", "smoothgrad", "integrated_gradients",
+Method = Literal["auto", "gradient", "input_x_gradient", "smoothgrad", "integrated_gradients",
                  "guided_backprop", "deconvnet", "grad_cam"]
 
 
 def validate_method_layer(check: Check) -> None:
-    """A Grad-CAM layer may only be named for method 'grad_cam'."""
-    if check.layer and check.method != "grad_cam":
-        raise CheckConfigError(f"check {check.name!r}: layer applies to method 'grad_cam' only, not {check.method!r}")
+    """A Grad-CAM layer may only be named for method 'grad_cam' or 'auto'."""
+    if check.layer and check.method not in ("grad_cam", "auto"):
+        raise CheckConfigError(f"check {check.name!r}: layer applies to methods 'grad_cam' and 'auto' only, not "
+                               f"{check.method!r}")
+
+
+def run_auto(check: Check, subject, audit_set) -> CheckResult:
+    """Run `check` (method "auto") with the method methods.saliency.auto_method picks for this subject: the
+    same check with that method (and its layer, for Grad-CAM); the message says why when it is not Grad-CAM,
+    details["method_requested"] is "auto"."""
+    method, why = sal.auto_method(subject, check.layer or None)
+    resolved = dataclasses.replace(check, method=method, layer=check.layer if method == "grad_cam" else "")
+    result = resolved.run(subject, audit_set)
+    result.message = "; ".join(part for part in (result.message, why) if part)
+    result.details["method_requested"] = "auto"
+    return result
 
 
 _METHOD_TITLES = {"gradient": "gradient", "input_x_gradient": "input x gradient", "smoothgrad": "SmoothGrad",
@@ -53,7 +67,7 @@ class SaliencyInBox(Check):
         "a map on the object from one on the middle). Pointing hits are shown beside the prior's."
     )
 
-    method: Method = "grad_cam"
+    method: Method = "auto"
     layer: str = ""
     min_ratio: float = 1.25
     max_control_energy: float = 0.5
@@ -77,6 +91,8 @@ class SaliencyInBox(Check):
         validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
+        if self.method == "auto":
+            return run_auto(self, subject, audit_set)
         usable, boxed = audit_set.with_boxes()
         if boxed is None:
             return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")

@@ -9,7 +9,7 @@ import torch
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_alpha, require_at_least
 from auditkit.checks.decision import ALPHA, decide
-from auditkit.checks.saliency import Method, validate_method_layer
+from auditkit.checks.saliency import Method, run_auto, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
 from auditkit.methods import saliency as sal
@@ -38,7 +38,7 @@ class SaliencySanity(Check):
         "up to rounding (no ranking) are left out and counted; if every trained map is, the check cannot run."
     )
 
-    method: Method = "grad_cam"
+    method: Method = "auto"
     layer: str = ""
     max_similarity: float = 0.5
     alpha: float = ALPHA
@@ -62,6 +62,8 @@ class SaliencySanity(Check):
         return maps.abs() if self.absolute else maps
 
     def run(self, subject, audit_set) -> CheckResult:
+        if self.method == "auto":
+            return run_auto(self, subject, audit_set)
         n = min(self.samples, len(audit_set))
         if n == 0:
             return self.error_result(f"audit set {audit_set.name!r} is empty")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from auditkit.data import Box
 
@@ -23,22 +24,59 @@ _REDUCE = {
     "input_x_gradient": "sum",
     "integrated_gradients": "sum",
 }
-METHODS: tuple[str, ...] = tuple(_REDUCE) + ("grad_cam",)
+METHODS: tuple[str, ...] = tuple(_REDUCE) + ("grad_cam",)  # saliency_map also takes "auto" (auto_method)
+#: Linear children whose names mark a self-attention's query / key / value projections (timm, torchvision's
+#: Swin and many hand-written ViTs: qkv; Hugging Face: query, key, value; others: q, k, v).
+_QKV_NAMES = ({"qkv"}, {"query", "key", "value"}, {"q", "k", "v"})
+
+
+def holds_attention(module: nn.Module) -> bool:
+    """True when `module` or one of its submodules is a self-attention: an nn.MultiheadAttention, or a module
+    with nn.Linear children named as query / key / value projections (_QKV_NAMES)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.MultiheadAttention):
+            return True
+        linear = {name for name, child in sub.named_children() if isinstance(child, nn.Linear)}
+        if any(names <= linear for names in _QKV_NAMES):
+            return True
+    return False
+
+
+def auto_method(subject, layer: str | None = None) -> tuple[str, str]:
+    """(method, why) for method "auto": Grad-CAM on `layer` (default the deepest of subject.layers), unless
+    that layer holds a self-attention (holds_attention) or the model names no layer; then the pixel gradient.
+
+    Grad-CAM weighs each position of the layer's map by the class gradient and reads the result as a map
+    of the image, which assumes each position still describes its own image region. Attention mixes every
+    token with every other, so a transformer block's positions need not: on the calibration ViT (85 %
+    accurate, occluding the object drops its score 0.59 more than occluding clutter) Grad-CAM put less
+    energy on the object than a centre prior at every block (0.33x-0.84x), while the gradient put 1.68x.
+    """
+    name = layer or (subject.layers[-1] if subject.layers else None)
+    if name is None:
+        return "gradient", f"auto: model {subject.name!r} names no layer for Grad-CAM, so the pixel gradient is used"
+    if holds_attention(subject.layer(name)):
+        return "gradient", (f"auto: layer {name!r} holds a self-attention, whose positions mix the whole image, "
+                            f"so Grad-CAM's map would not say where; the pixel gradient is used")
+    return "grad_cam", ""
 
 
 def saliency_map(subject, images: torch.Tensor, targets: torch.Tensor, method: str = "grad_cam",
                  layer: str | None = None, sample_ids: Sequence[object] | None = None, **options) -> torch.Tensor:
-    """The N x H x W map of `method` (one of METHODS) for the target classes, on the CPU.
+    """The N x H x W map of `method` (one of METHODS; "auto" as auto_method picks) for the target classes,
+    on the CPU.
 
     Always finite: each method checks its own map, so a NaN or inf raises NonFiniteError naming the
     method, the layer (Grad-CAM) and the samples (by `sample_ids`, one per image, when given).
     """
     from auditkit.methods import cam, gradients
 
+    if method == "auto":
+        method = auto_method(subject, layer)[0]
     if method == "grad_cam":
         return cam.grad_cam(subject, images, targets, layer=layer or None, sample_ids=sample_ids, **options)
     if method not in _REDUCE:
-        raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown saliency method {method!r}; expected one of {', '.join(METHODS)} or auto")
     fn: Callable = getattr(gradients, method)
     return gradients.to_map(fn(subject, images, targets, sample_ids=sample_ids, **options), _REDUCE[method])
 

@@ -174,7 +174,8 @@ ENTRIES: tuple[Entry, ...] = (
           })),
     Entry("good-vit-64", "vit", 64,
           "small vision transformer (conv stem, 8 x 8 tokens, 4 blocks), 64 px, objects 10-40 %",
-          train_task=VIT_64, audit_task=VIT_64, n_train=6000, epochs=15, lr=1e-3,
+          # changed after the second run: 15 epochs at lr 1e-3 stopped at 65 % (still learning); 30 at 2e-3: 85 %
+          train_task=VIT_64, audit_task=VIT_64, n_train=6000, epochs=30, lr=2e-3,
           expect=good(**{
               "invariance-grows-with-depth": Expect("passed", "good", "no pooling, all grids 8 x 8; attention mixes "
                                                     "positions with depth, so later blocks should still be more "
