@@ -410,3 +410,34 @@ def test_user_hooks_do_not_fire_on_private_copies():
         assert calls == [torch.float32]  # the user's own hook still works on the user's model
     finally:
         handle.remove()
+
+
+def test_a_layer_after_attention_shows_its_own_token_cell():
+    """Attention makes a block's receptive field the whole image, and a fixed-size model cannot be probed at
+    a larger input. Before: max-activating-patches ERRORed on both calibration ViTs."""
+    from auditkit import ModelSpec
+    from auditkit.checks.base import Status
+    from auditkit.checks.patches import MaxActivatingPatches
+    from auditkit.methods import patches as pt
+    from auditkit.subject import Subject
+    from tests.test_saliency import _TinyTransformer
+    from tests.toys import halves_set
+
+    class FixedSize(_TinyTransformer):  # a learned position embedding: 16 x 16 inputs only
+        def __init__(self):
+            super().__init__("qkv")
+            self.pos = torch.nn.Parameter(torch.zeros(1, 8, 4, 4))
+
+        def forward(self, x):
+            return self.head(self.block(self.embed(x) + self.pos).mean(dim=(2, 3)))
+
+    spec = ModelSpec(module=FixedSize(), class_names=["left", "right", "empty"], input_size=(16, 16),
+                     layers=["embed", "block"], name="tiny-vit")
+    with Subject(spec, device="cpu") as subject:
+        embed, block = pt.receptive_field(subject, "embed"), pt.receptive_field(subject, "block")
+        result = MaxActivatingPatches().execute(subject, halves_set(8))
+    assert (embed.size, embed.stride, embed.token_cell) == ((4, 4), (4, 4), False)  # measured: 4 x 4 patches
+    assert (block.size, block.stride, block.start, block.token_cell) == ((4, 4), (4, 4), (0, 0), True)
+    assert result.status is Status.INFO, result.summary()
+    assert result.details["receptive_fields"]["block"]["token_cell"] is True
+    assert "own token cell" in result.message

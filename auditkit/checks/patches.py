@@ -102,7 +102,8 @@ class MaxActivatingPatches(Check):
         rows, evidence, fields = [], [], {}
         for layer, chans in chosen.items():
             rf = pt.receptive_field(subject, layer, size)
-            fields[layer] = {"size": list(rf.size), "stride": list(rf.stride), "start": list(rf.start)}
+            fields[layer] = {"size": list(rf.size), "stride": list(rf.stride), "start": list(rf.start),
+                             "token_cell": rf.token_cell}
             t = tops[layer]
             idx = torch.tensor(chans)
             image, y, x, values = t.image[idx], t.y[idx], t.x[idx], t.values[idx]  # channels x k
@@ -122,7 +123,8 @@ class MaxActivatingPatches(Check):
 
         message = (f"{len(rows)} channels over {len(chosen)} layers, top {self.top} "
                    f"{'images' if self.distinct_images else 'units'} each; receptive fields: "
-                   + ", ".join(f"{l} {f['size'][0]}x{f['size'][1]} px (stride {f['stride'][1]})"
+                   + ", ".join(f"{l} {f['size'][0]}x{f['size'][1]} px (stride {f['stride'][1]}"
+                               f"{'; global through attention: its own token cell is shown' if f['token_cell'] else ''})"
                                for l, f in fields.items()))
         result = self.info_result(message=message, metric="channels shown", value=len(rows), rows=rows,
                                   columns=["layer", "channel", "rf", "stride", "peak", "top_activations", "images"],
@@ -147,7 +149,9 @@ class MaxActivatingPatches(Check):
             f"Maximally activating patches: {layer}", picture,
             f"Each row is a channel of {layer}: its top {k} audit patches (title: image index and activation; "
             f"grey = outside the image), then the DeconvNet projection of each activation (grey = 0). "
-            f"Receptive field {rf.size[0]}x{rf.size[1]} px, stride {rf.stride[0]}x{rf.stride[1]}.")
+            f"Receptive field {rf.size[0]}x{rf.size[1]} px, stride {rf.stride[0]}x{rf.stride[1]}"
+            + (": attention makes each unit's field the whole image, so the patch shown is the unit's own token "
+               "cell, and the projection shows where in the image the activation came from." if rf.token_cell else "."))
 
 
 def _panels(batch: torch.Tensor) -> list[Image.Image]:

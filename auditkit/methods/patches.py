@@ -85,6 +85,7 @@ class ReceptiveField:
     stride: tuple[int, int]  # (y, x) jump between neighbouring units
     start: tuple[int, int]  # (y, x) of unit (0, 0)'s top-left corner; negative where padding reaches out
     canvas: tuple[int, int]  # (height, width) of the probe input it was measured on
+    token_cell: bool = False  # True: attention makes the field global; the box is the unit's own grid cell
 
     def unclipped_boxes(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """N x 4 int64 (x0, y0, x1, y1) of units (i, j), not clipped (may reach outside the image)."""
@@ -257,7 +258,14 @@ def module_receptive_field(
     size do not matter. size = support box of unit (ci, cj); stride = its offset from unit (ci-1, cj-1);
     start = box(ci, cj) - (ci, cj) * stride. A map that does not grow with the input (a global layer) or a
     field larger than max_canvas raises ValueError naming the layer.
+
+    In a model that holds a self-attention (saliency.holds_attention), a unit whose support reaches the
+    border at image_size is global (attention mixes every token with every other), and such models often
+    refuse other input sizes (a position embedding of fixed size). Its field is then the unit's own cell of
+    the layer's grid: stride = size = image_size // map size, start 0, token_cell True.
     """
+    from auditkit.methods.saliency import holds_attention
+
     if layer not in dict(module.named_modules()):
         raise ValueError(f"no layer {layer!r} in the module")
     device = torch.device(device)
@@ -266,6 +274,7 @@ def module_receptive_field(
     probe = structural_copy(module).to(device)
     h, w = int(image_size[0]), int(image_size[1])
     previous_map = None
+    attention = holds_attention(module)
     while True:
         boxes, map_size, centre = _support_boxes(probe, layer, in_channels, (h, w), device)
         if boxes is not None:
@@ -274,6 +283,9 @@ def module_receptive_field(
                 (ci, cj), stride = centre, (y0[0] - y0[1], x0[0] - x0[1])
                 return ReceptiveField(layer=layer, size=(y1[0] - y0[0], x1[0] - x0[0]), stride=stride,
                                       start=(y0[0] - ci * stride[0], x0[0] - cj * stride[1]), canvas=(h, w))
+        if attention and previous_map is None:
+            cell = (max(1, h // map_size[0]), max(1, w // map_size[1]))
+            return ReceptiveField(layer=layer, size=cell, stride=cell, start=(0, 0), canvas=(h, w), token_cell=True)
         if previous_map is not None and map_size == previous_map:
             raise ValueError(f"layer {layer!r}: its map stays {map_size[0]} x {map_size[1]} as the input grows; "
                              "a global layer has no local receptive field")
