@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar, Union
 
 import torch
 from torch import nn
@@ -38,6 +39,38 @@ _HOOK_DICTS = (
     "_state_dict_hooks",
     "_load_state_dict_pre_hooks",
 )
+
+
+T = TypeVar("T")
+#: An objective of the chunked forward + backward: (pixels of some rows, those rows) -> one value per row,
+#: or a dict of such tensors with a "total".
+Objective = Callable[[torch.Tensor, slice], Union[torch.Tensor, dict]]
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a RuntimeError of an allocator that could not allocate
+    ("out of memory" on CUDA and others, "can't allocate memory" from the CPU's DefaultCPUAllocator)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def value_and_gradient(objective: Objective, pixels: torch.Tensor, rows: slice,
+                       device: torch.device) -> tuple[torch.Tensor, object]:
+    """(d sum(v) / d x, v detached) for v = objective(x, rows), x a fresh leaf copy of `pixels` on `device`
+    (float32); v is a tensor of one value per row, or a dict of them whose "total" is differentiated."""
+    x = pixels.detach().to(device, torch.float32).clone().requires_grad_(True)
+    with torch.enable_grad():
+        value = objective(x, rows)
+        total = value["total"] if isinstance(value, dict) else value
+        if not isinstance(total, torch.Tensor) or total.ndim != 1 or total.shape[0] != x.shape[0]:
+            got = tuple(total.shape) if isinstance(total, torch.Tensor) else type(total).__name__
+            raise ValueError(f"the objective must give one value per row ({x.shape[0]}), got {got}")
+        # an objective that does not depend on the pixels has a zero gradient
+        grad = torch.autograd.grad(total.sum(), x)[0] if total.requires_grad else torch.zeros_like(x)
+    detached = {k: v.detach() for k, v in value.items()} if isinstance(value, dict) else value.detach()
+    return grad, detached
 
 
 class AuditModelError(ValueError):
@@ -396,48 +429,103 @@ class Subject:
         pixels = pixels.to(self.device, torch.float32)
         return self._check_output(self.module(self.normalise(pixels)), pixels.shape[0])
 
-    @torch.no_grad()
-    def predict(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """Logits for any number of images, in chunks; the chunk halves on out-of-memory.
+    # -- batching: the one chunk loop, with the out-of-memory fallback ------------------
+    def chunks(self, total: int, work: Callable[[slice], T], *, cost: int = 1) -> Iterator[T]:
+        """Yield work(rows) for consecutive slices `rows` covering range(total), in order.
 
-        Returns an N x classes float tensor on the CPU.
+        This is the Subject's one batching loop: every method goes through it. A chunk has at most
+        max(1, batch_size // cost) rows, `cost` being the model rows one row makes (SmoothGrad's samples
+        per image). Out of memory inside work (CUDA's OutOfMemoryError, or an allocator's RuntimeError)
+        halves batch_size until a chunk is smaller than the one that failed (later calls keep it) and
+        retries the same rows; out of memory with a
+        chunk of one row is an AuditModelError. A retried work must give the same result: it returns its
+        result or writes it into the rows it owns, and never accumulates before it returns.
         """
-        outs = [chunk for chunk in self.predict_chunks(iter([pixels]), batch_size)]
-        return torch.cat(outs) if outs else torch.empty(0, self.spec.num_classes)
-
-    @torch.no_grad()
-    def predict_chunks(self, batches: Iterator[torch.Tensor], batch_size: int | None = None) -> Iterator[torch.Tensor]:
-        """Logits (on the CPU) for each chunk of at most batch_size images drawn from `batches`."""
+        if cost < 1:
+            raise ValueError(f"cost must be >= 1 model row per row, got {cost}")
         self._require_open()
-        for pixels in batches:
-            start = 0
-            while start < pixels.shape[0]:
-                size = batch_size or self.batch_size
-                chunk = pixels[start : start + size]
-                try:
-                    out = self.forward(chunk)
-                except torch.cuda.OutOfMemoryError:
-                    self._shrink_batch(size)
-                    continue
-                except RuntimeError as exc:
-                    if "out of memory" not in str(exc):
-                        raise
-                    self._shrink_batch(size)
-                    continue
-                yield out.float().cpu()
-                start += chunk.shape[0]
+        start = 0
+        while start < total:
+            rows = slice(start, min(start + max(1, self.batch_size // cost), total))
+            try:
+                result = work(rows)
+            except Exception as exc:  # noqa: BLE001 - re-raised unless it is an out-of-memory
+                if not is_out_of_memory(exc):
+                    raise
+                failed = rows.stop - rows.start
+            else:
+                yield result
+                start = rows.stop
+                continue
+            self._shrink_batch(failed, cost)  # outside the except block: the failed chunk's tensors are freed
 
-    def _shrink_batch(self, size: int) -> None:
-        if size <= 1:
-            raise AuditModelError(f"model {self.name!r}: out of memory with a batch of 1 on {self.device}")
-        self.batch_size = max(1, size // 2)
+    def _shrink_batch(self, rows: int, cost: int) -> None:
+        if rows <= 1:
+            what = "one image" if cost == 1 else f"one image ({cost} model rows)"
+            raise AuditModelError(f"model {self.name!r}: out of memory on {self.device} with a chunk of {what}; "
+                                  "audit on a device with more memory, or at a smaller input size")
+        size = self.batch_size
+        while size > 1 and max(1, size // cost) >= rows:  # halve until the next chunk is smaller than the one that failed
+            size //= 2
+        self.batch_size = size
         log.warning("auditkit: out of memory on %s, batch size now %d", self.device, self.batch_size)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def probabilities(self, pixels: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    @torch.no_grad()
+    def predict(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Logits for any number of images (pixels in [0, 1]), N x classes float32 on the CPU, in chunks."""
+        return self.predict_rows(pixels.shape[0], lambda rows: pixels[rows])
+
+    @torch.no_grad()
+    def predict_rows(self, total: int, build: Callable[[slice], torch.Tensor],
+                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Logits of `total` images made chunk by chunk by build(rows) (perturbed images are never all
+        built at once): total x classes float32 on the CPU. progress(done, total) after each chunk."""
+        outs = []
+        for rows, out in self.chunks(total, lambda rows: (rows, self.forward(build(rows)).float().cpu())):
+            outs.append(out)
+            if progress:
+                progress(rows.stop, total)
+        return torch.cat(outs) if outs else torch.empty(0, self.spec.num_classes)
+
+    def gradients(self, total: int, build: Callable[[slice], torch.Tensor], objective: Objective, *,
+                  cost: int = 1) -> Iterator[tuple[slice, torch.Tensor, object]]:
+        """The Subject's one chunked forward + backward.
+
+        For each chunk of rows: x = build(rows) (pixels) as a leaf that requires grad, on the device;
+        v = objective(x, rows) with autograd on: one value per model row, or a dict of such tensors whose
+        "total" is the one differentiated. Yields (rows, d sum(v) / d x on the device, v detached). In
+        eval mode the model's rows are independent, so row i's gradient is d v_i / d x_i alone.
+        """
+        return self.chunks(total, lambda rows: (rows, *value_and_gradient(objective, build(rows), rows, self.device)),
+                           cost=cost)
+
+    def target_logits(self, targets: torch.Tensor) -> Objective:
+        """The objective (x, rows) -> f_t(x): the logit of targets[rows] for each image, through this Subject."""
+        targets = torch.as_tensor(targets, dtype=torch.int64).reshape(-1)
+
+        def objective(x: torch.Tensor, rows: slice) -> torch.Tensor:
+            return self.forward(x).gather(1, targets[rows].to(x.device).view(-1, 1)).squeeze(1)
+        return objective
+
+    # -- copies ------------------------------------------------------------
+    def derived(self, module: nn.Module) -> "Subject":
+        """A Subject for another module (a randomised or stripped copy of this one): the same spec otherwise,
+        layers, device and batch size. Use it as a context manager, like any Subject."""
+        spec = dataclasses.replace(self.spec, module=module, layers=list(self.layers))
+        return Subject(spec, device=self.device, batch_size=self.batch_size)
+
+    def randomised(self, seed: int = 0) -> "Subject":
+        """derived() on a copy of the module with every parameter layer re-initialised
+        (methods.randomisation.random_copy); the user's module is not touched."""
+        from auditkit.methods.randomisation import random_copy
+
+        return self.derived(random_copy(self.module, seed))
+
+    def probabilities(self, pixels: torch.Tensor) -> torch.Tensor:
         """softmax(logits), N x classes, on the CPU."""
-        return torch.softmax(self.predict(pixels, batch_size), dim=1)
+        return torch.softmax(self.predict(pixels), dim=1)
 
     def class_probability(self, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """p(label_i | x_i) for each image, N floats on the CPU."""

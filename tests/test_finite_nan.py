@@ -146,7 +146,7 @@ def test_optimiser_stops_at_a_nan_gradient_even_on_the_last_step():
     # before: a finite loss with a NaN gradient at the last step returned NaN images, none marked diverged
     calls = []
 
-    def objective(x):
+    def objective(x, rows):
         total = (x - 0.3).pow(2).flatten(1).mean(1)
         if len(calls) == 4:  # the last of 5 steps: image 1's gradient is NaN, its loss is finite
             total = total + torch.stack([torch.zeros(()), trap(x[1].mean() + 1.0), torch.zeros(())])

@@ -14,7 +14,6 @@ from auditkit.checks.base import (Check, CheckConfigError, CheckResult, Status, 
 from auditkit.checks.decision import ALPHA, combine, decide, needed_samples
 from auditkit.methods import inversion as inv
 from auditkit.methods.optimise import relative_fall
-from auditkit.methods.randomisation import random_copy
 
 ZERO_NORM_REASON = "layer output is constant: all zeros (zero norm)"
 CONSTANT_REASON = "layer output is constant up to rounding (numerics.constant_rows): any image matches it"
@@ -321,7 +320,6 @@ class InversionConverges(ConvergenceCheck):
                                  seed=self.seed, plateau=self.plateau, window=self.window, sample_ids=sample_ids)
 
     def run(self, subject, audit_set) -> CheckResult:
-        from auditkit.subject import Subject
 
         layers, indices, images = layers_and_sources(self, subject, audit_set)
         undecided = self.too_few_samples(indices, audit_set)
@@ -332,9 +330,7 @@ class InversionConverges(ConvergenceCheck):
         results = self._invert(subject, images, layers, ids)
         randoms: dict[str, inv.InversionResult] = {}
         if self.random_baseline:
-            random_module = random_copy(subject.module, self.seed)
-            with Subject(dataclasses.replace(subject.spec, module=random_module), device=subject.device,
-                         batch_size=subject.batch_size) as rnd:
+            with subject.randomised(self.seed) as rnd:
                 randoms = self._invert(rnd, images, layers, ids)
         rows, decisions = [], {}
         for layer in layers:

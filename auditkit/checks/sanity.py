@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -13,7 +13,6 @@ from auditkit.checks.saliency import Method, run_auto, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
 from auditkit.methods import saliency as sal
-from auditkit.subject import Subject
 
 _MAX_COLUMNS = 8  # map columns in the evidence grid: the original and at most 7 cascade steps
 
@@ -89,8 +88,7 @@ class SaliencySanity(Check):
 
         rows, step_maps, rho = [], [], torch.empty(0)
         for name, copy in rnd.cascade(subject.module, seed=self.seed):
-            with Subject(replace(subject.spec, module=copy), device=subject.device,
-                         batch_size=subject.batch_size) as randomised:
+            with subject.derived(copy) as randomised:
                 maps = self._maps(randomised, images, labels, layer, ids, f"randomised (down to {name or '<root>'})")
             rho = rnd.spearman_rows(original, maps)[usable]
             defined = rho[~torch.isnan(rho)]

@@ -1,7 +1,6 @@
 """Checks `class-visualisation` (Simonyan et al. 2013) and `texture-synthesis-converges` (Gatys et al. 2015)."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -12,7 +11,6 @@ from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_at_least, require_unit
 from auditkit.checks.inversion import ConvergenceCheck, layers_and_sources, still_falling
 from auditkit.methods import synthesis as syn
-from auditkit.methods.randomisation import random_copy
 
 
 @dataclass
@@ -32,8 +30,8 @@ class ClassVisualisation(Check):
     The classes chosen are the audit set's own (those among its labels, in the model's class order) first,
     then the model's other classes in order, `max_classes` in all (0: every class), so an ImageNet model is
     not asked for 1000 images; the
-    result says how many of how many were visualised. They are optimised in batches of at most the
-    Subject's batch_size (methods.synthesis.visualise_classes). A model of one class is an ERROR: its
+    result says how many of how many were visualised. They are optimised together, the Subject splitting
+    each step's forward and backward into chunks (methods.synthesis.visualise_classes). A model of one class is an ERROR: its
     softmax is 1 for any image.
     """
 
@@ -110,8 +108,8 @@ class ClassVisualisation(Check):
         which = ("the named classes" if self.classes else
                  f"the audit set's classes first, at most max_classes = {self.max_classes}" if self.max_classes
                  else "every class")
-        message = (f"visualised {len(classes)} of {len(names)} classes ({which}), in batches of at most "
-                   f"{vis.params['batch_size']}; {reached} of {len(rows)} reach p >= {self.min_prob:g}"
+        message = (f"visualised {len(classes)} of {len(names)} classes ({which}); "
+                   f"{reached} of {len(rows)} reach p >= {self.min_prob:g}"
                    + (f" in {self.steps} steps; not reached: " + "; ".join(f"{r['class']}: {r['reason']}"
                                                                         for r in unreached) if unreached else ""))
         details = {**vis.params, "classes_visualised": len(classes), "classes_total": len(names),
@@ -190,7 +188,6 @@ class TextureSynthesisConverges(ConvergenceCheck):
                                       seed=self.seed, plateau=self.plateau, window=self.window)
 
     def run(self, subject, audit_set) -> CheckResult:
-        from auditkit.subject import Subject
 
         layers, indices, images = layers_and_sources(self, subject, audit_set)
         undecided = self.too_few_samples(indices, audit_set)
@@ -200,8 +197,7 @@ class TextureSynthesisConverges(ConvergenceCheck):
         res = self._synthesise(subject, images, layers)
         rnd = None
         if self.random_baseline:
-            with Subject(dataclasses.replace(subject.spec, module=random_copy(subject.module, self.seed)),
-                         device=subject.device, batch_size=subject.batch_size) as random_subject:
+            with subject.randomised(self.seed) as random_subject:
                 rnd = self._synthesise(random_subject, images, layers)
         total = res.curves["total"].mean(1)
         rows, decisions, unsettled = [], {}, []

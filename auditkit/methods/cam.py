@@ -51,7 +51,7 @@ def grad_cam(
     """Grad-CAM maps, N x H x W on the CPU (N x h x w at the layer's resolution when upsample=False).
 
     layer: a name from named_modules(); default the deepest of subject.layers.
-    Chunked by subject.batch_size. A non-finite map raises NonFiniteError naming the layer and the
+    In chunks of the Subject (Subject.chunks). A non-finite map raises NonFiniteError naming the layer and the
     samples (by `sample_ids` when given, else by index).
     """
     targets = _check(subject, images, targets)
@@ -60,13 +60,14 @@ def grad_cam(
             raise ValueError(f"model {subject.name!r} has no layers; pass layer= to grad_cam")
         layer = subject.layers[-1]
     subject.layer(layer)  # unknown names raise, listing the valid ones
-    size = max(1, int(subject.batch_size))
-    out = []
-    for start in range(0, images.shape[0], size):
-        cam = _cam_chunk(subject, images[start : start + size], targets[start : start + size], layer)
+
+    def maps_of(rows: slice) -> torch.Tensor:
+        cam = _cam_chunk(subject, images[rows], targets[rows], layer)
         if upsample:
             cam = F.interpolate(cam.unsqueeze(1), size=tuple(images.shape[-2:]), mode="bilinear",
                                 align_corners=False).squeeze(1)
-        out.append(cam.float().cpu())
+        return cam.float().cpu()
+
+    out = list(subject.chunks(images.shape[0], maps_of))
     maps = torch.cat(out) if out else torch.empty(0, *images.shape[-2:])
     return require_finite(maps, "attribution map", method="grad_cam", layer=layer, sample_ids=sample_ids)

@@ -15,7 +15,7 @@ over pixels in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -98,22 +98,18 @@ def deletion_insertion_curves(
     per_curve = n * per_image
     total = 2 * per_curve
 
-    def perturbed() -> Iterator[torch.Tensor]:
-        chunk = subject.batch_size
-        for first in range(0, total, chunk):
-            g = torch.arange(first, min(first + chunk, total))
-            insertion = g >= per_curve
-            rem = g % per_curve
-            img, k = rem // per_image, rem % per_image
-            top = (ranks[img] < counts[k].view(-1, 1, 1))[:, None]  # B x 1 x H x W: the top c_k pixels
-            # deletion: top pixels from the deletion baseline, the rest from the image;
-            # insertion: top pixels from the image, the rest from the insertion baseline
-            ins = insertion.long()
-            yield torch.where(top, bank[ins, img], bank[ins + 1, img])
-            if progress:
-                progress(min(first + chunk, total), total)
+    def perturbed(rows: slice) -> torch.Tensor:
+        g = torch.arange(rows.start, rows.stop)
+        insertion = g >= per_curve
+        rem = g % per_curve
+        img, k = rem // per_image, rem % per_image
+        top = (ranks[img] < counts[k].view(-1, 1, 1))[:, None]  # B x 1 x H x W: the top c_k pixels
+        # deletion: top pixels from the deletion baseline, the rest from the image;
+        # insertion: top pixels from the image, the rest from the insertion baseline
+        ins = insertion.long()
+        return torch.where(top, bank[ins, img], bank[ins + 1, img])
 
-    logits = torch.cat(list(subject.predict_chunks(perturbed())))
+    logits = subject.predict_rows(total, perturbed, progress)
     probs = torch.softmax(logits, dim=1)
     owner = (torch.arange(total) % per_curve) // per_image
     p = probs[torch.arange(total), targets[owner]].view(2, n, per_image)

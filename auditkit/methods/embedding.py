@@ -20,6 +20,8 @@ the same (features.rows_all_equal): scikit-learn's Barnes-Hut t-SNE segfaults on
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,16 +67,10 @@ def penultimate_layer(subject, probe: torch.Tensor) -> str:
             f"nn.Linear) are not defined; pass layer= naming the layer whose output to embed"
         )
     called: list[str] = []
-    modules = dict(subject.module.named_modules())
-    handles = []
-    try:
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for name in linears:
-            handles.append(modules[name].register_forward_hook(lambda _m, _i, _o, name=name: called.append(name)))
-        with torch.no_grad():
-            subject.forward(probe[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
+            stack.enter_context(subject.forward_hook(name, lambda _m, _i, _o, name=name: called.append(name)))
+        subject.forward(probe[:1])
     if not called:
         raise AuditModelError(
             f"model {subject.name!r}: none of its nn.Linear layers ({', '.join(linears)}) ran in the forward pass; "
@@ -87,26 +83,28 @@ def penultimate_features(subject, images: torch.Tensor, linear: str = "") -> tor
     """The input of the final nn.Linear (see penultimate_layer) for all images: N x D float32 on the CPU.
 
     `linear` may name that layer when it is already known (saves the probe forward).
-    Images (pixels in [0, 1]) are fed in chunks of subject.batch_size under
-    no_grad; the input is captured by a forward hook of the Subject, which is
+    Images (pixels in [0, 1]) go through Subject.chunks under no_grad; the input is captured by a forward hook of the Subject, which is
     removed even when the forward raises. Inputs with more than two dimensions
     are flattened to N x D.
     """
     if images.shape[0] == 0:
         raise ValueError("penultimate_features: no images given")
     layer = linear or penultimate_layer(subject, images)
-    parts: list[torch.Tensor] = []
+    inputs_seen: list[torch.Tensor] = []
 
     def keep_input(_m: nn.Module, inputs: tuple, _out: object) -> None:
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             raise AuditModelError(f"model {subject.name!r}: layer {layer!r} was called without a positional "
                                   f"tensor input; pass layer= naming the layer whose output to embed")
-        parts.append(inputs[0].detach().float().flatten(1).cpu())
+        inputs_seen.append(inputs[0].detach().float().flatten(1).cpu())
 
-    size = max(1, int(subject.batch_size))
+    def inputs_of(rows: slice) -> torch.Tensor:
+        inputs_seen.clear()
+        subject.forward(images[rows])
+        return torch.cat(inputs_seen) if inputs_seen else torch.empty(0)
+
     with subject.forward_hook(layer, keep_input), torch.no_grad():
-        for start in range(0, images.shape[0], size):
-            subject.forward(images[start : start + size])
+        parts = list(subject.chunks(images.shape[0], inputs_of))
     out = torch.cat(parts)
     if out.shape[0] != images.shape[0]:
         raise AuditModelError(

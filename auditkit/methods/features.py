@@ -1,7 +1,7 @@
 """Layer features and the pixel-space transforms used to probe them.
 
 - ``layer_features``: the outputs of named layers for a batch of images,
-  computed in chunks of ``subject.batch_size`` under ``torch.no_grad()``.
+  computed chunk by chunk (Subject.chunks) under ``torch.no_grad()``.
   Each layer's output is copied, inside its forward hook, straight into one
   preallocated N x ... float tensor on the CPU, so nothing else of the chunk
   is kept (the model may free the activation as soon as its next layer ran),
@@ -36,8 +36,10 @@ OnOutput = Callable[[str, int, torch.Tensor], None]
 
 
 def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOutput) -> torch.Tensor:
-    """Feed `images` in chunks of subject.batch_size under no_grad; on each output of a layer call
+    """Feed `images` through Subject.chunks under no_grad; on each output of a layer call
     on_output(layer, start, output) from inside its forward hook (start = index of the chunk's first image).
+    A chunk retried after an out-of-memory calls on_output again for the same rows: it must overwrite
+    (or fold idempotently, as a minimum does), never append.
     Returns the model's logits, N x classes float32 on the CPU (they come with the forward for free).
 
     A layer called twice in one forward reports each call (the latest one last). Every layer must
@@ -45,11 +47,8 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
     removed when the sweep ends, even when the forward raises.
     """
     layers = list(layers)
-    n = images.shape[0]
-    size = max(1, int(subject.batch_size))
     seen: set[str] = set()
     state = {"start": 0, "rows": 0}
-    logits = []
 
     def hook_for(name: str):
         def hook(_module, _inputs, out) -> None:
@@ -64,21 +63,22 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
             on_output(name, state["start"], out.detach())
         return hook
 
-    with contextlib.ExitStack() as stack:
+    def logits_of(rows: slice) -> torch.Tensor:
+        state["start"], state["rows"] = rows.start, rows.stop - rows.start
+        seen.clear()
+        logits = subject.forward(images[rows]).float().cpu()
+        missing = [name for name in layers if name not in seen]
+        if missing:
+            raise AuditModelError(
+                f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
+                f"in the forward pass"
+            )
+        return logits
+
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for name in dict.fromkeys(layers):
             stack.enter_context(subject.forward_hook(name, hook_for(name)))
-        for start in range(0, n, size):
-            chunk = images[start : start + size]
-            state["start"], state["rows"] = start, chunk.shape[0]
-            seen.clear()
-            with torch.no_grad():
-                logits.append(subject.forward(chunk).float().cpu())
-            missing = [name for name in layers if name not in seen]
-            if missing:
-                raise AuditModelError(
-                    f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
-                    f"in the forward pass"
-                )
+        logits = list(subject.chunks(images.shape[0], logits_of))
     return torch.cat(logits) if logits else torch.empty(0, subject.spec.num_classes)
 
 
@@ -86,7 +86,7 @@ def layer_features(subject, images: torch.Tensor, layers: Sequence[str], *, flat
     """Outputs of `layers` for all `images` (pixels in [0, 1]), layer -> N x ... float32 tensor on the CPU.
 
     With flatten=True each layer's output is N x D (D = product of the other
-    dimensions). Images are fed in chunks of subject.batch_size; each output
+    dimensions). Images go through Subject.chunks; each output
     is copied inside its forward hook into a tensor allocated once for all N
     images, so the memory kept is the requested features and nothing more
     (peak = one chunk's forward + the returned tensors). The forward hooks

@@ -7,8 +7,8 @@ attributions are in *pixel* space. f_t(x) below is the target's logit (not
 the softmax), as Captum's Saliency uses it.
 
 The forward always runs under torch.enable_grad() on a detached clone of the
-images (requires_grad=True), in chunks of ``subject.batch_size``, on the
-Subject's device; the model is never changed (the Subject already turned
+images (requires_grad=True), through the Subject's chunked forward + backward
+(Subject.gradients), on the Subject's device; the model is never changed (the Subject already turned
 requires_grad off on its parameters, so only the input gets a gradient).
 Attributions come back on the CPU, and always finite: each method checks its result with
 numerics.require_finite, so a NaN or inf (a model whose gradient is not finite for some image, even
@@ -80,30 +80,13 @@ def _check(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return targets
 
 
-def _target_grad(subject, pixels: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d f_t / d pixels, f_t) for one chunk, on the Subject's device.
-
-    Runs with grad enabled on a detached clone; the sum over the chunk of the
-    target logits is differentiated (images are independent in eval mode).
-    """
-    x = pixels.detach().to(subject.device, torch.float32).clone().requires_grad_(True)
-    t = targets.to(subject.device).view(-1, 1)
-    with torch.enable_grad():
-        logits = subject.forward(x)
-        chosen = logits.gather(1, t).squeeze(1)
-        (grad,) = torch.autograd.grad(chosen.sum(), x)
-    return grad, chosen.detach()
-
-
 def _chunked_grad(subject, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """d f_t / d x for all images, chunk by chunk, on the CPU."""
+    """d f_t / d x for all images through Subject.gradients, on the CPU."""
     targets = _check(subject, images, targets)
-    out = []
-    size = max(1, int(subject.batch_size))
-    for start in range(0, images.shape[0], size):
-        grad, _ = _target_grad(subject, images[start : start + size], targets[start : start + size])
-        out.append(grad.float().cpu())
-    return torch.cat(out) if out else torch.empty(images.shape)
+    out = torch.empty(images.shape, dtype=torch.float32)
+    for rows, grad, _ in subject.gradients(images.shape[0], lambda rows: images[rows], subject.target_logits(targets)):
+        out[rows] = grad.float().cpu()
+    return out
 
 
 def to_map(attr: torch.Tensor, reduce: Reduce = "sum") -> torch.Tensor:
@@ -150,24 +133,34 @@ def smoothgrad(
     range [0, 1], i.e. sigma = noise. Noisy images are not clipped. The
     noise is drawn on the CPU from a torch.Generator seeded with `seed`,
     image by image in order (S x C x H x W each), so the result does not
-    depend on the batch size or the device. All S noisy copies of a chunk of
-    max(1, batch_size // S) images go through one forward.
+    depend on the batch size or the device. All S noisy copies of an image go
+    through one forward (Subject.gradients with cost S).
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     targets = _check(subject, images, targets)
     sigma = float(noise) * (1.0 - 0.0)  # fraction of the pixel range [0, 1]
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    n, per_chunk = images.shape[0], max(1, int(subject.batch_size) // samples)
-    out = []
-    for start in range(0, n, per_chunk):
-        x = images[start : start + per_chunk].detach().float().cpu()
-        eps = torch.stack([torch.randn((samples, *x.shape[1:]), generator=gen) for _ in range(x.shape[0])])
-        noisy = (x.unsqueeze(1) + sigma * eps).flatten(0, 1)  # (k * S) x C x H x W, image-major
-        t = targets[start : start + per_chunk].repeat_interleave(samples)
-        grad, _ = _target_grad(subject, noisy, t)
-        out.append(grad.float().cpu().view(x.shape[0], samples, *x.shape[1:]).mean(dim=1))
-    return torch.cat(out) if out else torch.empty(images.shape)
+    state_at: dict[int, torch.Tensor] = {}  # the generator's state where a chunk starts, so a retry redraws it
+    x = images.detach().float().cpu()
+
+    def noisy(rows: slice) -> torch.Tensor:
+        if rows.start in state_at:
+            gen.set_state(state_at[rows.start])
+        else:
+            state_at[rows.start] = gen.get_state()
+        eps = torch.stack([torch.randn((samples, *x.shape[1:]), generator=gen) for _ in range(rows.start, rows.stop)])
+        return (x[rows].unsqueeze(1) + sigma * eps).flatten(0, 1)  # (k * S) x C x H x W, image-major
+
+    scores = subject.target_logits(targets.repeat_interleave(samples))
+
+    def per_sample(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
+        return scores(x_rows, slice(rows.start * samples, rows.stop * samples))
+
+    out = torch.empty(x.shape)
+    for rows, grad, _ in subject.gradients(x.shape[0], noisy, per_sample, cost=samples):
+        out[rows] = grad.float().cpu().view(-1, samples, *x.shape[1:]).mean(dim=1)
+    return out
 
 
 # -- integrated gradients ---------------------------------------------------
@@ -231,8 +224,8 @@ def integrated_gradients(
     tensors. Pass 0.0 for a black image.
 
     Completeness: sum(attr) ~ f_t(x) - f_t(b). The N * steps interpolated
-    images are built lazily, image-major, and sent through the model in
-    chunks of subject.batch_size rows (a chunk may mix images and steps).
+    images are built lazily, image-major, and sent through Subject.gradients
+    (a chunk may mix images and steps).
     Near a constant baseline, ties in max-pooling make single pixels depend on
     float rounding (and so on the batch composition); the sums do not.
     """
@@ -243,13 +236,23 @@ def integrated_gradients(
     n, s = x.shape[0], alphas.shape[0]
     alphas, weights = alphas.float(), weights.float()
     total = torch.zeros_like(x)  # sum_k w_k grad_k per image
-    size = max(1, int(subject.batch_size))
-    for start in range(0, n * s, size):
-        rows = torch.arange(start, min(start + size, n * s))
-        img, step = rows // s, rows % s
-        a = alphas[step].view(-1, 1, 1, 1)
-        path = b[img] + a * (x[img] - b[img])
-        grad, _ = _target_grad(subject, path, targets[img])
+
+    def row_owner(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        r = torch.arange(rows.start, rows.stop)
+        return r // s, r % s  # image, step
+
+    def path(rows: slice) -> torch.Tensor:
+        img, step = row_owner(rows)
+        return b[img] + alphas[step].view(-1, 1, 1, 1) * (x[img] - b[img])
+
+    scores = subject.target_logits(targets)
+
+    def path_score(x_rows: torch.Tensor, rows: slice) -> torch.Tensor:
+        img, _ = row_owner(rows)
+        return scores(x_rows, img)
+
+    for rows, grad, _ in subject.gradients(n * s, path, path_score):
+        img, step = row_owner(rows)
         total.index_add_(0, img, weights[step].view(-1, 1, 1, 1) * grad.float().cpu())
     return (x - b) * total
 

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 
 from auditkit.methods.numerics import constant_rows, require_finite
-from auditkit.methods.optimise import forward_to, optimise
+from auditkit.methods.optimise import forward_to, layer_outputs, optimise
 
 #: Default weights, chosen so that the feature term dominates (it starts near 1 and should fall
 #: below ~0.1) while TV keeps reconstructions free of high-frequency noise.
@@ -127,9 +127,8 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
     device = subject.device
     x0 = images.to(device, torch.float32)
     n, groups = x0.shape[0], len(layers)
-    with torch.no_grad():
-        acts = forward_to(subject, x0, layers)
-    targets = [acts[layer].detach().flatten(1).float() for layer in layers]
+    acts = layer_outputs(subject, x0, layers)
+    targets = [acts[layer].flatten(1).float() for layer in layers]
     for layer, target in zip(layers, targets):
         require_finite(target, "layer output of the images to invert", method="inversion", layer=layer,
                        sample_ids=sample_ids)
@@ -142,23 +141,28 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
     constant = torch.stack([constant_rows(t) & (t.shape[1] > 1) for t in targets]) | zero_norm
     denom = torch.where(zero_norm, torch.ones_like(norm2), norm2)
 
-    def objective(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def objective(x: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        # row r of the batch reconstructs image r % n from layer r // n
+        index = torch.arange(rows.start, rows.stop, device=x.device)
+        group, image = index // n, index % n
         feats = forward_to(subject, x, layers)
-        feature = torch.cat([
-            (feats[layer][g * n:(g + 1) * n].flatten(1).float() - targets[g]).pow(2).sum(1) / denom[g]
-            for g, layer in enumerate(layers)
-        ])
+        feature = torch.zeros(x.shape[0], device=x.device)
+        for g, layer in enumerate(layers):
+            mine = group == g
+            if bool(mine.any()):
+                diff = feats[layer][mine].flatten(1).float() - targets[g][image[mine]]
+                feature = feature.index_put((mine.nonzero().squeeze(1),), diff.pow(2).sum(1) / denom[g][image[mine]])
         a, tv = alpha_norm(x, alpha), total_variation(x, beta)
         return {"feature": feature, "alpha": a, "tv": tv, "total": feature + lambda_alpha * a + lambda_tv * tv}
 
     shape = (groups * n, *x0.shape[1:])
     run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
-                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=device)
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=device,
+                   subject=subject)
     curves, recon, diverged = run.curves, run.images, run.diverged.clone()
     diverged_step, done = run.diverged_step, run.steps
 
-    with torch.no_grad():
-        final = forward_to(subject, recon.to(device), layers)
+    final = layer_outputs(subject, recon.to(device), layers)
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
               "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window}

@@ -5,7 +5,7 @@ Subject's batched forward; nothing loops over pixels in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -84,35 +84,31 @@ def occlusion_map(
     p(y | x with w replaced by the baseline). A pixel's value is the mean
     of d_w over the windows that cover it (Zeiler & Fergus figure 7; the
     averaging is Captum's Occlusion). Windows of all images are batched
-    together in chunks of the Subject's batch size.
+    together (Subject.predict_rows builds them chunk by chunk).
     """
     n, _, h, w = images.shape
     ys, xs = window_starts(h, patch, stride), window_starts(w, patch, stride)
-    rows, cols = _indicator(ys, patch, h), _indicator(xs, patch, w)  # ny x H, nx x W
+    in_row, in_col = _indicator(ys, patch, h), _indicator(xs, patch, w)  # ny x H, nx x W
     per_image = len(ys) * len(xs)
     total = n * per_image
     labels = labels.view(-1).cpu()
     base = baseline_images(images, baseline)
     original = subject.class_probability(images, labels)
 
-    def perturbed() -> Iterator[torch.Tensor]:
-        chunk = subject.batch_size
-        for start in range(0, total, chunk):
-            g = torch.arange(start, min(start + chunk, total))
-            img, k = g // per_image, g % per_image
-            masks = rows[k // len(xs)].bool()[:, :, None] & cols[k % len(xs)].bool()[:, None, :]
-            yield occlude(images[img], masks, base[img])
-            if progress:
-                progress(min(start + chunk, total), total)
+    def occluded_images(rows: slice) -> torch.Tensor:
+        g = torch.arange(rows.start, rows.stop)
+        img, k = g // per_image, g % per_image
+        masks = in_row[k // len(xs)].bool()[:, :, None] & in_col[k % len(xs)].bool()[:, None, :]
+        return occlude(images[img], masks, base[img])
 
-    logits = torch.cat(list(subject.predict_chunks(perturbed())))
+    logits = subject.predict_rows(total, occluded_images, progress)
     probs = torch.softmax(logits, dim=1)
     owner = torch.arange(total) // per_image
     occluded = probs[torch.arange(total), labels[owner]]
     drops = (original[owner] - occluded).view(n, len(ys), len(xs))
     # map = R^T D C / R^T 1 C: sum of window drops over covering windows, divided by their count
-    summed = torch.einsum("yh,nyx,xw->nhw", rows, drops, cols)
-    count = torch.einsum("yh,yx,xw->hw", rows, torch.ones(len(ys), len(xs)), cols)
+    summed = torch.einsum("yh,nyx,xw->nhw", in_row, drops, in_col)
+    count = torch.einsum("yh,yx,xw->hw", in_row, torch.ones(len(ys), len(xs)), in_col)
     return summed / count
 
 

@@ -1,7 +1,8 @@
 """One optimiser loop for images, shared by feature inversion, texture synthesis and class visualisation.
 
-A method supplies only its objective: a function of a pixel batch (N x C x H x W, in [0, 1], on the
-device) returning a dict of per-image terms (each a tensor of N values). The key "total" is the loss
+A method supplies only its objective: a function of a pixel batch (the rows `rows` of the N x C x H x W
+images, in [0, 1], on the device) returning a dict of per-image terms (each a tensor of one value per
+row). The key "total" is the loss
 that is minimised (its sum over the batch, so every image gets its own gradient); the other keys are
 recorded as curves too. The loop owns everything else:
 
@@ -26,7 +27,10 @@ recorded as curves too. The loop owns everything else:
   or gradient was not finite and `diverged_step` is the step. The images returned are those of that
   step, so they are always finite; a check must fail (or error) on any diverged image, never pass.
 
-Everything is batched: one objective call (so one forward and one backward) per step for the whole batch.
+Everything is batched: each step is one forward and one backward of the whole batch, split into chunks by
+the Subject's chunked forward + backward (Subject.gradients, which halves the chunk on out-of-memory) when
+`subject` is given. The images are independent, so the gradient, and the result, do not depend on the
+chunks.
 `forward_to` gives an objective the outputs of named layers and stops the forward once all are computed.
 """
 from __future__ import annotations
@@ -38,9 +42,10 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from auditkit.subject import AuditModelError
+from auditkit.subject import AuditModelError, value_and_gradient
 
-Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+#: (pixels of some rows, those rows of the batch) -> per-image terms, each a tensor of one value per row
+Objective = Callable[[torch.Tensor, slice], dict[str, torch.Tensor]]
 Parametrisation = Literal["sigmoid", "fourier"]
 
 
@@ -94,6 +99,19 @@ def forward_to(subject, pixels: torch.Tensor, layers: Sequence[str]) -> dict[str
     return captured
 
 
+def layer_outputs(subject, pixels: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """forward_to for any number of images under no_grad, chunk by chunk (Subject.chunks): layer -> the
+    outputs of all images, detached, on the Subject's device."""
+    wanted = list(dict.fromkeys(layers))
+
+    def outputs_of(rows: slice) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {k: v.detach() for k, v in forward_to(subject, pixels[rows], wanted).items()}
+
+    parts = list(subject.chunks(pixels.shape[0], outputs_of))
+    return {layer: torch.cat([part[layer] for part in parts]) for layer in wanted}
+
+
 def _frequency_weight(h: int, w: int, decay: float, device: torch.device) -> torch.Tensor:
     """1 / max(f, 1 / max(h, w))^decay on the rfft2 grid (h x (w // 2 + 1)), f in cycles per pixel."""
     fy = torch.fft.fftfreq(h, device=device).view(-1, 1)
@@ -130,7 +148,7 @@ class _Pixels:
 def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: float = 0.05,
              final_lr_ratio: float = 0.01, jitter: int = 0, parametrisation: Parametrisation = "sigmoid",
              init_scale: float = 0.5, decay: float = 1.0, seed: int = 0, plateau: float = 0.0, window: int = 10,
-             device: str | torch.device = "cpu") -> OptimiseResult:
+             device: str | torch.device = "cpu", subject=None) -> OptimiseResult:
     """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise,
     for at most `steps` steps; with `plateau` > 0, stop once every image's total changed by at most
     `plateau` (relative) over the last `window` steps.
@@ -168,15 +186,13 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
             if jitter:
                 dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
                 x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-            terms = objective(x)
-            if step == 0:
-                _check_terms(terms, n)
+            terms, grad = _terms_and_gradient(objective, x, subject)
             for key, value in terms.items():
-                curves.setdefault(key, []).append(value.detach().float())
+                curves.setdefault(key, []).append(value.float())
             done = step + 1
             opt.zero_grad(set_to_none=True)
-            terms["total"].sum().backward()
-            total = terms["total"].detach()
+            x.backward(grad)
+            total = terms["total"]
             bad = ~torch.isfinite(total)
             if params.param.grad is not None:  # a finite loss can still have a NaN gradient (sqrt at 0, where traps)
                 bad = bad | ~torch.isfinite(params.param.grad).flatten(1).all(1)
@@ -198,6 +214,29 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
     stacked = {k: torch.stack(v).cpu() for k, v in curves.items()}
     return OptimiseResult(images=images, curves=stacked, diverged=diverged, diverged_step=diverged_step, steps=done,
                           settled_step=settled_step, budget=steps)
+
+
+def _terms_and_gradient(objective: Objective, x: torch.Tensor, subject) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The objective's terms for every image (detached) and d sum(total) / d x, chunk by chunk through
+    subject.gradients (one chunk without a Subject)."""
+    leaf, n = x.detach(), x.shape[0]
+
+    def checked(pixels: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        terms = objective(pixels, rows)
+        _check_terms(terms, pixels.shape[0])
+        return terms
+
+    if subject is None:
+        whole = slice(0, n)
+        parts = [(whole, *value_and_gradient(checked, leaf, whole, leaf.device))]
+    else:
+        parts = subject.gradients(n, lambda rows: leaf[rows], checked)
+    grad, pieces = torch.empty_like(leaf), {}
+    for rows, part_grad, terms in parts:
+        grad[rows] = part_grad
+        for key, value in terms.items():
+            pieces.setdefault(key, []).append(value)
+    return {key: torch.cat(values) for key, values in pieces.items()}, grad
 
 
 def _check_terms(terms: object, n: int) -> None:

@@ -351,6 +351,7 @@ class _RunningTop:
     def __init__(self, top: int, distinct: bool, sample_ids: Sequence[object] | None = None):
         self.top, self.distinct, self.sample_ids = top, distinct, sample_ids
         self.first, self.seen = 0, set()  # index of the chunk's first image; layers seen in this chunk
+        self.pending: dict[str, tuple[torch.Tensor, ...]] = {}  # this chunk's candidates, merged by commit()
         self.state: dict[str, tuple[torch.Tensor, ...]] = {}  # layer -> (values, image, flat position), C x k
         self.shapes: dict[str, tuple[int, int]] = {}
 
@@ -364,13 +365,22 @@ class _RunningTop:
                    else range(self.first, self.first + out.shape[0]))
             require_finite(out.detach(), "layer output", method="top_activations", layer=name, sample_ids=ids)
             self.shapes[name] = (int(out.shape[2]), int(out.shape[3]))
-            new = _candidates(out, self.first, self.top, self.distinct)
+            self.pending[name] = _candidates(out, self.first, self.top, self.distinct)
+
+        return reduce
+
+    def begin(self, first: int) -> None:
+        """A chunk whose first image is `first` starts (again, after an out-of-memory): forget its candidates."""
+        self.first, self.seen, self.pending = first, set(), {}
+
+    def commit(self) -> None:
+        """Merge the chunk's candidates into the running top-k (only once its forward succeeded)."""
+        for name, new in self.pending.items():
             old = self.state.get(name)
             merged = new if old is None else tuple(torch.cat([a, b.to(a.device)], 1) for a, b in zip(old, new))
             order = merged[0].sort(dim=1, descending=True, stable=True).indices[:, : self.top]
             self.state[name] = tuple(t.gather(1, order) for t in merged)
-
-        return reduce
+        self.pending = {}
 
 
 def top_activations(
@@ -387,8 +397,8 @@ def top_activations(
     distinct_images=True (the default) keeps at most one unit per image - the image's maximum for that
     channel - so the `top` patches come from `top` different images (neighbouring units of one image would
     otherwise fill the list with near-copies of one patch); False ranks every (image, y, x). Ties keep the
-    earlier image (and, within an image, the first position). Images go through the model in chunks of
-    subject.batch_size under torch.no_grad(); each layer's output is reduced inside its forward hook (so a
+    earlier image (and, within an image, the first position). Images go through Subject.chunks under
+    torch.no_grad(); each layer's output is reduced inside its forward hook (so a
     later in-place op cannot alter it) and only C x top candidates are kept between chunks. A layer output
     holding NaN or inf raises NonFiniteError naming the layer and the images (by `sample_ids`, one per image,
     when given; else by index).
@@ -401,17 +411,20 @@ def top_activations(
     for name in layers:
         subject.layer(name)
     running = _RunningTop(top, distinct_images, sample_ids)
-    size = max(1, int(subject.batch_size))
+
+    def forward_chunk(rows: slice) -> None:
+        running.begin(rows.start)
+        subject.forward(images[rows])
+        missing = [name for name in layers if name not in running.seen]
+        if missing:
+            raise AuditModelError(f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} "
+                                  "were not called in the forward pass")
+
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for name in layers:
             stack.enter_context(subject.forward_hook(name, running.hook(name)))
-        for first in range(0, images.shape[0], size):
-            running.first, running.seen = first, set()
-            subject.forward(images[first : first + size])
-            missing = [name for name in layers if name not in running.seen]
-            if missing:
-                raise AuditModelError(f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} "
-                                      "were not called in the forward pass")
+        for _ in subject.chunks(images.shape[0], forward_chunk):
+            running.commit()
     state, shapes = running.state, running.shapes
     result = {}
     for name in layers:
@@ -433,7 +446,7 @@ def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.T
     d a_u / d pixels of image u's copy, where a_u is the layer's (first) output at (channel, y, x) and every
     nn.ReLU's backward is g_in = relu(g_out) (Zeiler & Fergus: rectified "unpooling"; conv backward =
     transposed filters; max-pool backward = their switches). Pixels outside the unit's receptive field are
-    exactly 0. The forward stops at the layer; rows go in chunks of subject.batch_size. A projection that is
+    exactly 0. The forward stops at the layer; rows go through Subject.gradients. A projection that is
     not finite raises NonFiniteError naming the layer and the units (their image by `sample_ids` when given).
     """
     subject.layer(layer)
@@ -442,23 +455,25 @@ def deconv_projections(subject, images: torch.Tensor, layer: str, units: torch.T
     if bool(outside.any()):
         raise ValueError(f"unit {units[outside][0].tolist()} names image {int(units[outside][0, 0])}, but there are "
                          f"{images.shape[0]} images (indices 0..{images.shape[0] - 1})")
-    out_parts = []
-    size = max(1, int(subject.batch_size))
+
+    def unit_images(rows: slice) -> torch.Tensor:
+        return images[units[rows, 0]]
+
+    def unit_activation(x: torch.Tensor, rows: slice) -> torch.Tensor:
+        out = _map_output(forward_to(subject, x, [layer])[layer], layer)
+        picked_units = units[rows]
+        c, h, w = out.shape[1:]
+        bad = ((picked_units[:, 1] >= c) | (picked_units[:, 2] >= h) | (picked_units[:, 3] >= w)
+               | (picked_units[:, 1:] < 0).any(1))
+        if bool(bad.any()):
+            raise ValueError(f"unit {picked_units[bad][0].tolist()} is outside layer {layer!r}'s output "
+                             f"C x H x W = {c} x {h} x {w}")
+        r = torch.arange(picked_units.shape[0], device=out.device)
+        channel, y, xx = (picked_units[:, k].to(out.device) for k in (1, 2, 3))
+        return out[r, channel, y, xx]  # row u's gradient is d a_u / d x_u alone
+
     with relu_backward_override(subject.module, "deconvnet"):
-        for first in range(0, units.shape[0], size):
-            rows = units[first : first + size]
-            x = images[rows[:, 0]].detach().to(subject.device, torch.float32).clone().requires_grad_(True)
-            with torch.enable_grad():
-                out = _map_output(forward_to(subject, x, [layer])[layer], layer)
-                c, h, w = out.shape[1:]
-                bad = (rows[:, 1] >= c) | (rows[:, 2] >= h) | (rows[:, 3] >= w) | (rows[:, 1:] < 0).any(1)
-                if bool(bad.any()):
-                    raise ValueError(f"unit {rows[bad][0].tolist()} is outside layer {layer!r}'s output "
-                                     f"C x H x W = {c} x {h} x {w}")
-                r, c, y, xx = torch.arange(rows.shape[0]), rows[:, 1], rows[:, 2], rows[:, 3]
-                picked = out[r.to(out.device), c.to(out.device), y.to(out.device), xx.to(out.device)]
-                (grad,) = torch.autograd.grad(picked.sum(), x)  # row u's gradient is d a_u / d x_u alone
-            out_parts.append(grad.float().cpu())
+        out_parts = [grad.float().cpu() for _, grad, _ in subject.gradients(units.shape[0], unit_images, unit_activation)]
     projections = torch.cat(out_parts) if out_parts else torch.empty(0, *images.shape[1:])
     names = [f"image {sample_ids[i] if sample_ids is not None else i!r} channel {c} at ({y}, {x})"
              for i, c, y, x in units.tolist()]

@@ -3,8 +3,8 @@ Gram-matrix texture synthesis.
 
 Class visualisation (Simonyan, Vedaldi & Zisserman 2013, with Lucid-style regularisers): for each class c,
 x*_c = argmax_x S_c(x) - lambda_l2 * mean (x - 0.5)^2, S_c the class score (logit), with x in a Fourier
-parametrisation weighted 1/f^decay and random jitter; one image per class, the classes in batches of at
-most the Subject's batch_size. With decay = 2 (steeper than Lucid's 1) the optimisation favours large
+parametrisation weighted 1/f^decay and random jitter; one image per class, all classes in one optimisation
+whose forward + backward the Subject splits into chunks (Subject.gradients). With decay = 2 (steeper than Lucid's 1) the optimisation favours large
 smooth structures: on the demo the circle class draws blobs and the cross class crosses, where decay = 1
 draws high-frequency noise that is just as convincing to the model.
 
@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from auditkit.methods.inversion import normalised, spread_to_others, total_variation
-from auditkit.methods.optimise import forward_to, optimise
+from auditkit.methods.optimise import forward_to, layer_outputs, optimise
 
 #: Default weight of the L2 pull towards grey in class visualisation (the score is O(10)).
 LAMBDA_L2 = 1.0
@@ -59,48 +59,35 @@ class ClassVisualisation:
 
 def visualise_classes(subject, classes: Sequence[int] | None = None, *, steps: int = 100, lr: float = 0.05,
                       lambda_l2: float = LAMBDA_L2, jitter: int = 2, parametrisation: str = "fourier",
-                      decay: float = 2.0, seed: int = 0, batch_size: int | None = None) -> ClassVisualisation:
+                      decay: float = 2.0, seed: int = 0) -> ClassVisualisation:
     """x*_c = argmax S_c(x) - lambda_l2 * mean (x - 0.5)^2 for each class c (default: every class); see the
     module doc. The probability is that of the final image, without jitter.
 
-    The classes are optimised in chunks of at most `batch_size` images (default subject.batch_size; the
-    Subject's own chunking covers forwards without gradients only), one optimise() run per chunk, chunk k
-    seeded with seed + k; so 1000 classes never make one batch of 1000. Curves of a chunk that stopped
-    early (diverged) are padded with NaN to the longest chunk's length."""
+    All classes are optimised together (one optimise() run, seeded with `seed`); each step's forward and
+    backward go through Subject.gradients in chunks, so 1000 classes never make one forward of 1000, and
+    the images do not depend on the chunks. The pixels themselves (and Adam's two moments) are held for
+    every class at once: 3 x classes x C x H x W floats on the device."""
     k_all = subject.spec.num_classes
     classes = list(range(k_all)) if classes is None else [int(c) for c in classes]
     bad = [c for c in classes if not 0 <= c < k_all]
     if bad or not classes:
         raise ValueError(f"classes must be a non-empty list of indices in [0, {k_all}) for model "
                          f"{subject.name!r}, got {classes}")
-    size = max(1, int(batch_size or subject.batch_size))
     h, w = subject.spec.input_size
-    runs, probs = [], []
-    for k, start in enumerate(range(0, len(classes), size)):
-        chunk = classes[start:start + size]
-        target = torch.tensor(chunk, device=subject.device).view(-1, 1)
+    target = torch.tensor(classes, device=subject.device).view(-1, 1)
 
-        def objective(x: torch.Tensor, target: torch.Tensor = target) -> dict[str, torch.Tensor]:
-            score = subject.forward(x).gather(1, target).squeeze(1).float()
-            l2 = (x - 0.5).pow(2).flatten(1).mean(1)
-            return {"score": score, "l2": l2, "total": -score + lambda_l2 * l2}
+    def objective(x: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        score = subject.forward(x).gather(1, target[rows]).squeeze(1).float()
+        l2 = (x - 0.5).pow(2).flatten(1).mean(1)
+        return {"score": score, "l2": l2, "total": -score + lambda_l2 * l2}
 
-        run = optimise(objective, (len(chunk), len(subject.spec.mean), h, w), steps=steps, lr=lr, jitter=jitter,
-                       parametrisation=parametrisation, decay=decay, seed=seed + k, device=subject.device)
-        runs.append(run)
-        probs.append(subject.probabilities(run.images).gather(1, target.cpu()).squeeze(1))
-    longest = max(r.steps for r in runs)
-    curves = {key: torch.cat([torch.cat([r.curves[key], torch.full((longest - r.steps, r.curves[key].shape[1]),
-                                                                     math.nan)]) for r in runs], 1)
-              for key in runs[0].curves}
-    stopped = [r.diverged_step for r in runs if r.diverged_step is not None]
-    return ClassVisualisation(images=torch.cat([r.images for r in runs]), classes=classes,
-                              probability=torch.cat(probs), curves=curves,
-                              diverged=torch.cat([r.diverged for r in runs]),
-                              diverged_step=min(stopped) if stopped else None, steps=longest,
+    run = optimise(objective, (len(classes), len(subject.spec.mean), h, w), steps=steps, lr=lr, jitter=jitter,
+                   parametrisation=parametrisation, decay=decay, seed=seed, device=subject.device, subject=subject)
+    probability = subject.probabilities(run.images).gather(1, target.cpu()).squeeze(1)
+    return ClassVisualisation(images=run.images, classes=classes, probability=probability, curves=run.curves,
+                              diverged=run.diverged, diverged_step=run.diverged_step, steps=run.steps,
                               params={"steps": steps, "lr": lr, "lambda_l2": lambda_l2, "jitter": jitter,
-                                      "parametrisation": parametrisation, "decay": decay, "seed": seed,
-                                      "batch_size": size, "chunks": len(runs)})
+                                      "parametrisation": parametrisation, "decay": decay, "seed": seed})
 
 
 @dataclass
@@ -132,28 +119,27 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
     for layer in layers:
         subject.layer(layer)
     x0 = images.to(subject.device, torch.float32)
-    with torch.no_grad():
-        acts = forward_to(subject, x0, layers)
+    acts = layer_outputs(subject, x0, layers)
     targets = {layer: gram_matrix(acts[layer]) for layer in layers}
     norm2 = {layer: g.pow(2).flatten(1).sum(1) for layer, g in targets.items()}
     denom = {layer: torch.where(v > 0, v, torch.ones_like(v)) for layer, v in norm2.items()}
 
-    def gram_errors(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def gram_errors(x: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         feats = forward_to(subject, x, layers)
-        return {layer: (gram_matrix(feats[layer]) - targets[layer]).pow(2).flatten(1).sum(1) / denom[layer]
+        return {layer: (gram_matrix(feats[layer]) - targets[layer][rows]).pow(2).flatten(1).sum(1) / denom[layer][rows]
                 for layer in layers}
 
-    def objective(x: torch.Tensor) -> dict[str, torch.Tensor]:
-        errors = gram_errors(x)
+    def objective(x: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
+        errors = gram_errors(x, rows)
         gram = torch.stack(list(errors.values())).mean(0)
         tv = total_variation(x, 2.0)
         return {"gram": gram, **{f"gram:{k}": v for k, v in errors.items()}, "tv": tv, "total": gram + lambda_tv * tv}
 
     run = optimise(objective, tuple(x0.shape), steps=steps, lr=lr, final_lr_ratio=final_lr_ratio,
-                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=subject.device)
-    with torch.no_grad():
-        feats = forward_to(subject, run.images.to(subject.device), layers)
-        distance = {layer: (gram_matrix(feats[layer]) - targets[layer]).flatten(1).norm(dim=1) for layer in layers}
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=subject.device,
+                   subject=subject)
+    feats = layer_outputs(subject, run.images.to(subject.device), layers)
+    distance = {layer: (gram_matrix(feats[layer]) - targets[layer]).flatten(1).norm(dim=1) for layer in layers}
     final_error, normalised_error = {}, {}
     for layer in layers:
         ok = (norm2[layer] > 0) & ~run.diverged.to(norm2[layer].device)
