@@ -250,3 +250,55 @@ def test_non_finite_maps_are_an_error_naming_method_layer_and_sample(demo, monke
     assert result.status is Status.ERROR, result.summary()
     assert "NonFiniteError" in result.message and "'grad_cam'" in result.message and "'stage4'" in result.message
     assert f"1 of 8 sample(s): {data[2].id!r}" in result.message
+
+
+# -- blocks: the cascade's steps follow the module tree (issue 9, point 3) -----------------------
+
+
+def test_cascade_blocks_follow_the_module_tree_and_cover_every_layer_once():
+    torchvision = pytest.importorskip("torchvision")
+    resnet = torchvision.models.resnet18()
+    blocks = rnd.cascade_blocks(resnet, 12)
+    assert [name for name, _ in blocks] == ["conv1", "bn1", "layer1.0", "layer1.1", "layer2.0", "layer2.1",
+                                            "layer3.0", "layer3.1", "layer4.0", "layer4.1", "fc"]
+    assert [n for _, members in blocks for n in members] == rnd.parameter_layers(resnet)  # in order, once each
+    assert dict(blocks)["layer2.0"] == ["layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2", "layer2.0.bn2",
+                                        "layer2.0.downsample.0", "layer2.0.downsample.1"]
+    # one child holding most of the model (a ViT's encoder.layers): its children merged into the steps left
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=12, num_heads=2,
+                                               hidden_dim=16, mlp_dim=16)
+    vit_blocks = rnd.cascade_blocks(vit, 12)
+    assert len(vit_blocks) == 12 and sum(name.startswith("encoder.layers.") for name, _ in vit_blocks) == 7
+    assert [n for _, m in vit_blocks for n in m] == rnd.parameter_layers(vit)
+    # a flat Sequential: consecutive layers merged, each block named by its lowest layer
+    flat = nn.Sequential(*[nn.Conv2d(2, 2, 1) for _ in range(30)])
+    assert [(name, len(m)) for name, m in rnd.cascade_blocks(flat, 4)] == [("0", 8), ("8", 7), ("15", 7), ("22", 8)]
+    # few layers, or max_steps 0: one step per layer
+    assert rnd.cascade_blocks(_toy(), 12) == [(n, [n]) for n in rnd.parameter_layers(_toy())]
+    assert len(rnd.cascade_blocks(resnet, 0)) == 41
+
+
+def test_block_cascade_is_cumulative_and_ends_in_the_same_random_copy():
+    torchvision = pytest.importorskip("torchvision")
+    module = torchvision.models.resnet18(num_classes=3)
+    _perturb_bn(module)
+    layers = rnd.parameter_layers(module)
+    blocks = rnd.cascade_blocks(module, 12)
+    original = {name: _params_of(module, name) for name in layers}
+    done = []
+    for (name, clone), (block, members) in zip(rnd.cascade(module, seed=2, max_steps=12), reversed(blocks)):
+        assert name == block
+        done += members
+        changed = {n for n in layers if not _same(_params_of(clone, n), original[n])}
+        assert changed == set(done)  # the top blocks, and only they
+    per_layer = list(rnd.cascade(module, seed=2))[-1][1]
+    assert all(_same(_params_of(clone, n), _params_of(per_layer, n)) for n in layers)  # steps change no seed
+
+
+def test_sanity_with_fewer_steps_names_the_blocks(demo):
+    spec, data = demo
+    result = _run(spec, data, max_steps=3)
+    assert [r["randomised_down_to"] for r in result.rows] == ["stage4", "stage3", "stage1"]  # top down: (stage4, head), stage3, (stage1, stage2)
+    assert "all 9 parameter layers random, in 3 steps" in result.message
+    with pytest.raises(CheckConfigError, match="max_steps must be >= 0"):
+        SaliencySanity(max_steps=-1)

@@ -20,7 +20,8 @@ _MAX_COLUMNS = 8  # map columns in the evidence grid: the original and at most 7
 @dataclass
 class SaliencySanity(Check):
     """Cascading model-parameter randomisation: re-initialise the layers of a copy of the model from
-    the output layer down, one at a time and cumulatively, and after each step compare the saliency
+    the output layer down, a block at a time and cumulatively (at most `max_steps` blocks that follow the
+    module tree, methods.randomisation.cascade_blocks; 0: one parameter layer per step, as the paper), and after each step compare the saliency
     map with the trained model's by Spearman rank correlation (mean over the first `samples` audit
     samples). An explanation of the model must change once the model is random: the check passes
     when the correlation after randomising all layers is <= max_similarity. The user's module is
@@ -31,7 +32,8 @@ class SaliencySanity(Check):
     title = "Saliency depends on the model's weights"
     description = (
         "rho_k = mean over samples of Spearman(|map of the trained model|, |map after re-initialising the "
-        "top k parameter layers|) (Adebayo et al. 2018, cascading randomisation). With rho_i the sample's "
+        "top k blocks of parameter layers|) (Adebayo et al. 2018, cascading randomisation; at most max_steps "
+        "blocks that follow the module tree). With rho_i the sample's "
         "correlation after randomising all layers, passes when mean(max_similarity - rho_i) >= 0 and a one-sided "
         "Wilcoxon signed-rank test of max_similarity - rho_i > 0 gives p <= alpha. Samples whose map is constant "
         "up to rounding (no ranking) are left out and counted; if every trained map is, the check cannot run."
@@ -42,6 +44,7 @@ class SaliencySanity(Check):
     max_similarity: float = 0.5
     alpha: float = ALPHA
     samples: int = 16
+    max_steps: int = 12
     absolute: bool = True
     evidence_samples: int = 3
     seed: int = 0
@@ -49,7 +52,7 @@ class SaliencySanity(Check):
     def validate(self) -> None:
         if not -1.0 <= self.max_similarity <= 1.0:
             raise CheckConfigError(f"check {self.name!r}: max_similarity must be in [-1, 1], got {self.max_similarity}")
-        require_at_least(self, samples=1, evidence_samples=0)
+        require_at_least(self, samples=1, evidence_samples=0, max_steps=0)
         require_alpha(self)
         validate_method_layer(self)
 
@@ -87,7 +90,7 @@ class SaliencySanity(Check):
         dropped = int((~usable).sum())
 
         rows, step_maps, rho = [], [], torch.empty(0)
-        for name, copy in rnd.cascade(subject.module, seed=self.seed):
+        for name, copy in rnd.cascade(subject.module, seed=self.seed, max_steps=self.max_steps):
             with subject.derived(copy) as randomised:
                 maps = self._maps(randomised, images, labels, layer, ids, f"randomised (down to {name or '<root>'})")
             rho = rnd.spearman_rows(original, maps)[usable]
@@ -112,7 +115,7 @@ class SaliencySanity(Check):
             notes.append("after randomising all layers every map is constant, so no correlation is defined")
         message = (f"{self.method}: Spearman with the trained model's map falls from {rows[0]['spearman']:.2f} "
                    f"(top layer {rows[0]['randomised_down_to']} random) to {last['spearman']:.2f} "
-                   f"(all {len(rows)} parameter layers random), over {int(usable.sum())} samples")
+                   f"(all {len(rnd.parameter_layers(subject.module))} parameter layers random, in {len(rows)} steps), over {int(usable.sum())} samples")
         if notes:
             message += "; " + "; ".join(notes)
         names = subject.spec.class_names

@@ -25,7 +25,7 @@ from torch import nn
 from auditkit.methods.numerics import constant_rows
 from auditkit.subject import copy_without_hooks
 
-__all__ = ["parameter_layers", "reinitialise", "cascade", "spearman", "spearman_rows"]
+__all__ = ["parameter_layers", "cascade_blocks", "reinitialise", "cascade", "spearman", "spearman_rows"]
 
 
 def parameter_layers(module: nn.Module) -> list[str]:
@@ -58,24 +58,87 @@ def reinitialise(layer: nn.Module, seed: int = 0) -> None:
                 p.normal_(0.0, 0.01)
 
 
-def cascade(module: nn.Module, seed: int = 0) -> Iterator[tuple[str, nn.Module]]:
+def _runs(names: list[str], depth: int) -> list[tuple[str, list[str]]]:
+    """Consecutive runs of `names` with equal first `depth` name components: (that prefix, the names)."""
+    out: list[tuple[str, list[str]]] = []
+    for name in names:
+        key = ".".join(name.split(".")[:depth])
+        if out and out[-1][0] == key:
+            out[-1][1].append(name)
+        else:
+            out.append((key, [name]))
+    return out
+
+
+def _finer(members: list[str], depth: int) -> tuple[list[tuple[str, list[str]]], int] | None:
+    """The runs of a block's members at the next depth that splits them, with that depth; None if none does."""
+    deepest = max(len(n.split(".")) for n in members)
+    for d in range(depth + 1, deepest + 1):
+        runs = _runs(members, d)
+        if len(runs) > 1:
+            return runs, d
+    return None
+
+
+def _merged(runs: list[tuple[str, list[str]]], count: int) -> list[tuple[str, list[str]]]:
+    """Consecutive runs merged into `count` groups of near-equal numbers of runs, each named by its first run."""
+    bounds = [round(k * len(runs) / count) for k in range(count + 1)]
+    return [(runs[a][0], [n for _, members in runs[a:b] for n in members]) for a, b in zip(bounds, bounds[1:])]
+
+
+def cascade_blocks(module: nn.Module, max_steps: int = 0) -> list[tuple[str, list[str]]]:
+    """parameter_layers(module) in registration order, grouped into at most `max_steps` contiguous blocks:
+    (block name, its layers). 0, or no more layers than steps: one block per layer.
+
+    Otherwise blocks follow the module tree: start from the runs of equal first name components (conv1,
+    layer1, ..., fc); split the block holding the most layers into its children's runs while the count
+    stays <= max_steps, and stop at the first split that does not fit. If that leaves fewer than
+    2/3 max_steps blocks (one child holding most of the model, as a ViT's encoder.layers), that block's
+    children are merged into the steps left. torchvision's resnet18 (41 layers) gives 11 blocks: conv1,
+    bn1, layer1.0 ... layer4.1, fc. A block is named by its prefix (for a merged one, its first, lowest
+    child's), so "randomised down to X" means X and everything above it; "" is the root's own.
+    """
+    names = parameter_layers(module)
+    if max_steps <= 0 or len(names) <= max_steps:
+        return [(name, [name]) for name in names]
+    blocks = [(key, members, 1) for key, members in _runs(names, 1)]
+    if len(blocks) > max_steps:  # a flat Sequential: consecutive layers merged
+        return _merged([(key, members) for key, members, _ in blocks], max_steps)
+    while True:
+        splittable = [(len(b[1]), -i, i, split) for i, b in enumerate(blocks)
+                      if (split := _finer(b[1], b[2])) is not None]
+        if not splittable:
+            break
+        _, _, i, (runs, depth) = max(splittable)
+        if len(blocks) - 1 + len(runs) <= max_steps:
+            blocks[i:i + 1] = [(key, members, depth) for key, members in runs]
+            continue
+        left = max_steps - len(blocks) + 1
+        if len(blocks) < 2 * max_steps / 3 and left >= 2:
+            blocks[i:i + 1] = [(key, members, depth) for key, members in _merged(runs, left)]
+        break
+    return [(key, members) for key, members, _ in blocks]
+
+
+def cascade(module: nn.Module, seed: int = 0, max_steps: int = 0) -> Iterator[tuple[str, nn.Module]]:
     """Cascading randomisation of a deep copy of `module`, from the top (output) layer down.
 
-    Yields (name of the layer just re-initialised, the copy in that state), one
-    step per entry of parameter_layers(module), in reverse order: step k has the
-    top k+1 parameter layers randomised. The SAME copy object is yielded each
-    time, changed in place; `module` itself is never changed. The per-step
-    seeds are drawn from a torch.Generator seeded with `seed` (large numbers,
-    so they do not coincide with the small seeds a model was built with), so
-    a run is reproducible.
+    Yields (name of the block just re-initialised, the copy in that state), one step per block of
+    cascade_blocks(module, max_steps) (default: one per parameter layer), in reverse order: step k has the
+    top k+1 blocks randomised. The SAME copy object is yielded each time, changed in place; `module`
+    itself is never changed. Each layer's seed is drawn from a torch.Generator seeded with `seed` (large
+    numbers, so they do not coincide with the small seeds a model was built with), one per layer whatever
+    the blocks, so a run is reproducible and the fully random copy does not depend on `max_steps`.
     """
     names = parameter_layers(module)
     clone = copy_without_hooks(module)
     layers = dict(clone.named_modules())
     seeds = torch.randint(2**62, (len(names),), generator=torch.Generator().manual_seed(seed)).tolist()
-    for step_seed, name in zip(seeds, reversed(names)):
-        reinitialise(layers[name], int(step_seed))
-        yield name, clone
+    seed_of = dict(zip(reversed(names), seeds))
+    for block, members in reversed(cascade_blocks(module, max_steps)):
+        for name in reversed(members):
+            reinitialise(layers[name], int(seed_of[name]))
+        yield block, clone
 
 
 def random_copy(module: nn.Module, seed: int = 0) -> nn.Module:
