@@ -315,3 +315,35 @@ def test_one_image_is_inconclusive_before_anything_is_optimised():
             result = check.execute(subject, probe_set(8))
             assert result.status is Status.INCONCLUSIVE, result.summary()
             assert "only 1 image(s) chosen" in result.message and not result.evidence
+
+
+def test_each_layers_rows_run_forward_only_to_that_layer():
+    """Inverting a shallow and a deep layer together: the shallow layer's rows never reach the deep layer
+    (issue 9, point 3), and chunks that hold the end of one layer's rows and the start of the next give the
+    same result as one chunk."""
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    module = Two()
+    reached = []
+    module.b.register_forward_pre_hook(lambda _m, args: reached.append(args[0].shape[0]))
+    spec = ModelSpec(module=module, class_names=["x", "y"], input_size=(8, 8), layers=["a", "b"], name="two")
+    images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with Subject(spec, device="cpu", batch_size=64) as subject:
+        both = invert_layers(subject, images, ["a", "b"], steps=5)
+    # per step 3 rows reach b (its own), plus the 3 target and 3 final images: never the 6 of both layers
+    assert max(reached) == 3 and sum(reached) == 3 * (5 + 2)
+    with Subject(spec, device="cpu", batch_size=2) as subject:  # chunks rows 0-1, 2-3 (a and b), 4-5
+        chunked = invert_layers(subject, images, ["a", "b"], steps=5)
+    for layer in ("a", "b"):
+        assert torch.allclose(both[layer].reconstructions, chunked[layer].reconstructions, atol=1e-6)
+        assert torch.allclose(both[layer].final_error, chunked[layer].final_error, atol=1e-6, equal_nan=True)

@@ -18,9 +18,9 @@ Two errors of the result, per image i of the N inverted together:
 The optimisation is methods.optimise.optimise (x = sigmoid(z) from noise, Adam, cosine schedule from lr
 to lr * final_lr_ratio, `steps` as a budget with an early stop once the loss settled (`plateau`, `window`),
 optional jitter, NaN detection); this module supplies only the objective.
-`invert_layers` inverts several layers at once: it stacks (layers x images) copies into one batch, runs
-ONE forward per step that stops at the deepest layer asked for, and takes group g's feature term at its
-own layer g. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
+`invert_layers` inverts several layers at once: it stacks (layers x images) copies into one batch,
+layer-major, and each step's forward (in the Subject's chunks) runs group g's rows only up to layer g,
+where its feature term is taken, so a shallow layer's inversion never pays for the deeper layers. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
 
 Pixel validity: x = sigmoid(z) stays in (0, 1), so the alpha-norm only pulls pixels towards grey; it is
 kept for fidelity to the paper and weighted lightly.
@@ -113,7 +113,7 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
                   sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
     """Reconstruct `images` (N x C x H x W pixels in [0, 1]) from the features of each of `layers`.
 
-    All layers and images are optimised together as one batch of len(layers) * N images; see the module doc.
+    All layers and images are optimised together, len(layers) * N images; see the module doc.
     `plateau` > 0 stops early once every image's loss settled over `window` steps (methods.optimise).
     Returns layer -> InversionResult, in the order of `layers`. Features of `images` that are not finite
     (or whose squared norm overflows) leave nothing to invert towards: NonFiniteError naming the layer and
@@ -143,15 +143,16 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
 
     def objective(x: torch.Tensor, rows: slice) -> dict[str, torch.Tensor]:
         # row r of the batch reconstructs image r % n from layer r // n
-        index = torch.arange(rows.start, rows.stop, device=x.device)
-        group, image = index // n, index % n
-        feats = forward_to(subject, x, layers)
+        # (rows are layer-major: a chunk holds one layer's rows, or the end and start of two); each
+        # layer's rows run forward only to that layer
         feature = torch.zeros(x.shape[0], device=x.device)
-        for g, layer in enumerate(layers):
-            mine = group == g
-            if bool(mine.any()):
-                diff = feats[layer][mine].flatten(1).float() - targets[g][image[mine]]
-                feature = feature.index_put((mine.nonzero().squeeze(1),), diff.pow(2).sum(1) / denom[g][image[mine]])
+        for g in range(rows.start // n, (rows.stop - 1) // n + 1):
+            lo, hi = max(rows.start, g * n), min(rows.stop, (g + 1) * n)
+            mine = slice(lo - rows.start, hi - rows.start)
+            out = forward_to(subject, x[mine], [layers[g]])[layers[g]]
+            diff = out.flatten(1).float() - targets[g][lo - g * n:hi - g * n]
+            feature = feature.index_put((torch.arange(mine.start, mine.stop, device=x.device),),
+                                        diff.pow(2).sum(1) / denom[g][lo - g * n:hi - g * n])
         a, tv = alpha_norm(x, alpha), total_variation(x, beta)
         return {"feature": feature, "alpha": a, "tv": tv, "total": feature + lambda_alpha * a + lambda_tv * tv}
 
@@ -162,11 +163,12 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
     curves, recon, diverged = run.curves, run.images, run.diverged.clone()
     diverged_step, done = run.diverged_step, run.steps
 
-    final = layer_outputs(subject, recon.to(device), layers)
+    final = {layer: layer_outputs(subject, recon[g * n:(g + 1) * n].to(device), [layer])[layer]
+             for g, layer in enumerate(layers)}
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
               "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window}
-    distances = [(final[layer][g * n:(g + 1) * n].flatten(1).float() - targets[g]).norm(dim=1)
+    distances = [(final[layer].flatten(1).float() - targets[g]).norm(dim=1)
                  for g, layer in enumerate(layers)]
     errors = [d / norm2[g].sqrt() for g, d in enumerate(distances)]
     # the last Adam step moved the images after their loss was checked: features that are not finite
