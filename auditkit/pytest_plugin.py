@@ -33,7 +33,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--audit-config", dest="audit_config", metavar="PATH",
                     help="TOML file with the audit configuration (default: [tool.auditkit] in pyproject.toml)")
     group.addoption("--audit-device", dest="audit_device", metavar="DEVICE",
-                    help="auto (default), cpu, cuda or cuda:N")
+                    help="auto (default), cpu, cuda, cuda:N, or a list such as cuda:0,cuda:1; under pytest-xdist "
+                         "worker i takes list entry i mod its length, and cuda or auto takes GPU i mod the GPU count")
     group.addoption("--audit-report", dest="audit_report", metavar="DIR",
                     help="folder for index.html, audit.json and evidence (default: audit-report)")
     group.addoption("--audit-batch-size", dest="audit_batch_size", type=int, metavar="N",
@@ -69,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(DATASETS.unknown_message(dataset))
         if dataset:
             DATASETS.check_importable(dataset)
+        _check_device(config.getoption("audit_device"), settings)
         target = settings.report_path(config.getoption("audit_report"), invocation_dir)
         if _is_worker(config):
             staging = Path(config.workerinput[STAGING_INPUT])
@@ -84,6 +86,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[STRICT_KEY] = bool(config.getoption("audit_strict") or settings.strict)
     if not _is_worker(config):
         config.pluginmanager.register(AuditReporter(config, session, staging, target), "auditkit-reporter")
+
+
+def _check_device(option: str | None, settings: Any) -> None:
+    """A usage error, naming where the device came from, when --audit-device (else the file's device)
+    is not a device this machine has; xdist's controller checks it before any worker starts."""
+    from auditkit.subject import AuditModelError, device_for_worker
+
+    try:
+        device_for_worker(option or settings.device, None)  # checks every entry, whichever this process gets
+    except AuditModelError as exc:
+        origin = "--audit-device" if option else f"audit config {settings.source}"
+        raise pytest.UsageError(f"{origin}: {exc}") from exc
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -6,6 +6,7 @@ own: `AuditSession(["demo"]).run_all()` runs the configured suite.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 import time
@@ -55,7 +56,7 @@ class AuditSession:
 
     def _build_subject(self, model: str):
         from auditkit.spec import ModelSpec
-        from auditkit.subject import Subject
+        from auditkit.subject import Subject, device_for_worker
 
         factory = MODELS.resolve(model)
         spec = factory() if callable(factory) and not isinstance(factory, ModelSpec) else factory
@@ -63,7 +64,8 @@ class AuditSession:
             raise TypeError(f"model {model!r}: its factory returned {type(spec).__name__}, expected an auditkit.ModelSpec")
         if not spec.name:
             spec.name = model
-        device = self.device or self.config.device or "auto"
+        # CLI over file over default; under pytest-xdist each worker takes its own entry or GPU
+        device = device_for_worker(self.device or self.config.device or "auto", os.environ.get("PYTEST_XDIST_WORKER"))
         batch = self.batch_size or self.config.batch_size or 64
         return Subject(spec, device=device, batch_size=batch).open()
 

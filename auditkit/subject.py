@@ -97,6 +97,59 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def device_for_worker(device: str | None, worker_id: str | None, cuda_count: int | None = None) -> str:
+    """The device one process audits on, given the device text (--audit-device or `device = ...`).
+
+    `device` is auto (or None), cpu, cuda, cuda:N, or a comma-separated list of cpu / cuda:N entries.
+    `worker_id` is pytest-xdist's PYTEST_XDIST_WORKER ("gw0", "gw1", ...): worker i is gw<i>; None
+    (or any other text) is a process without xdist, or xdist's controller. `cuda_count` is the number
+    of usable CUDA devices, 0 without CUDA; None asks torch.
+
+    - cpu: cpu, in every process.
+    - cuda: without xdist, cuda (the default CUDA device); worker i gets cuda:(i mod cuda_count).
+    - auto: cpu when cuda_count is 0, else as cuda.
+    - cuda:N: that device, in every process.
+    - a list: without xdist its first entry; worker i gets entry i mod len(list).
+
+    Returns "cpu", "cuda" or "cuda:N". Raises AuditModelError naming the text and the entry at fault
+    when an entry has none of these forms (in a list: cpu or cuda:N), an index is not below
+    cuda_count, or CUDA is asked for where cuda_count is 0. The whole text is checked, whichever
+    entry this process gets, so the controller and every worker agree on an error.
+    """
+    if cuda_count is None:
+        cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    text = "auto" if device is None else str(device).strip()
+    entries = [entry.strip() for entry in text.split(",")]
+    listed = len(entries) > 1
+    for entry in entries:
+        number = entry[5:] if entry.startswith("cuda:") else None
+        indexed = number is not None and number.isascii() and number.isdigit()
+        if not (entry == "cpu" or indexed or (not listed and entry in ("auto", "cuda"))):
+            if listed:
+                raise AuditModelError(f"device {text!r} has the entry {entry!r}, which is not a device: "
+                                      "expected cpu or cuda:N in a comma-separated list")
+            raise AuditModelError(f"device {text!r} is not valid: expected auto, cpu, cuda, cuda:N "
+                                  "or a comma-separated list of cpu / cuda:N")
+        if (indexed or entry == "cuda") and cuda_count == 0:
+            raise AuditModelError(f"device {text!r} asks for {entry!r}, but CUDA is not available here: "
+                                  "expected cpu or auto")
+        if indexed and int(number) >= cuda_count:
+            raise AuditModelError(f"device {text!r} asks for {entry!r}, but only {cuda_count} CUDA device(s) "
+                                  f"exist here: expected cuda:0 to cuda:{cuda_count - 1}")
+    # worker i of xdist is "gw<i>"; anything else (no xdist, the controller) takes the first choice
+    suffix = worker_id[2:] if worker_id and worker_id.startswith("gw") else ""
+    worker = int(suffix) if suffix.isascii() and suffix.isdigit() else None
+    if listed:
+        return entries[0 if worker is None else worker % len(entries)]
+    if entries[0] == "auto":
+        if cuda_count == 0:
+            return "cpu"
+        entries[0] = "cuda"
+    if entries[0] == "cuda" and worker is not None:
+        return f"cuda:{worker % cuda_count}"
+    return entries[0]
+
+
 @dataclass
 class _Value:
     """One parameter or buffer as open() left it: the tensor object, its in-place version and a copy.
