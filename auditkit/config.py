@@ -5,6 +5,7 @@
     device = "auto"                 # auto | cpu | cuda | cuda:N
     report_dir = "audit-report"
     batch_size = 64
+    memory = "2GB"                  # results kept for reuse (0: none; default 5 % of physical memory)
     strict = false                  # true: an INCONCLUSIVE check fails the run (as --audit-strict)
     [[tool.auditkit.checks]]
     kind = "occlusion-drop"         # any registered check kind
@@ -19,6 +20,7 @@ with the paths on the command line). This module imports no torch.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,48 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-KEYS = ("dataset", "device", "report_dir", "batch_size", "strict", "checks")
+KEYS = ("dataset", "device", "report_dir", "batch_size", "memory", "strict", "checks")
 DEFAULT_REPORT_DIR = "audit-report"
+
+
+#: Default budget: this fraction of the machine's physical memory (results are kept in host memory).
+DEFAULT_MEMORY_FRACTION = 0.05
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40}
+
+
+def physical_memory() -> int:
+    """Bytes of physical memory on this machine (0 where the platform does not tell)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def parse_memory(text: str | int | float | None, *, where: str = "--audit-memory") -> int:
+    """Bytes from a budget text: "2GB", "512MiB", "1000000" (bytes), "0" (nothing kept), or a fraction
+    of physical memory in (0, 1) such as "0.05". None gives the default (DEFAULT_MEMORY_FRACTION).
+    ValueError naming `where` and what was expected otherwise."""
+    if text is None:
+        return int(DEFAULT_MEMORY_FRACTION * physical_memory())
+    raw = str(text).strip().lower().replace(" ", "")
+    number, unit = raw, ""
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if raw.endswith(suffix) and raw[: -len(suffix)]:
+            number, unit = raw[: -len(suffix)], suffix
+            break
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf") or isinstance(text, bool):
+        raise ValueError(f"{where} must be a size such as 2GB or 512MB, 0, or a fraction of memory in (0, 1) "
+                         f"such as 0.05, got {text!r}")
+    if unit:
+        return int(value * _UNITS[unit])
+    if 0 < value < 1:
+        return int(value * physical_memory())
+    return int(value)
 
 
 class AuditConfigError(ValueError):
@@ -43,6 +85,7 @@ class AuditConfig:
     device: str | None = None
     report_dir: str | None = None
     batch_size: int | None = None
+    memory: int | None = None  # bytes for results kept for reuse (parse_memory); None: the default
     strict: bool = False
     checks: list[dict[str, Any]] = field(default_factory=list)
     source: str = "(defaults: no pyproject.toml with [tool.auditkit] found)"
@@ -105,6 +148,12 @@ def parse_table(table: dict[str, Any], source: str) -> AuditConfig:
     batch = table.get("batch_size")
     if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
         raise AuditConfigError(f"audit config {source}: batch_size must be a positive integer, got {batch!r}")
+    memory = table.get("memory")
+    if memory is not None:
+        try:
+            memory = parse_memory(memory, where=f"audit config {source}: memory")
+        except ValueError as exc:
+            raise AuditConfigError(str(exc)) from exc
     strict = table.get("strict", False)
     if not isinstance(strict, bool):
         raise AuditConfigError(f"audit config {source}: strict must be true or false, got {strict!r}")
@@ -116,5 +165,5 @@ def parse_table(table: dict[str, Any], source: str) -> AuditConfig:
             raise AuditConfigError(f"audit config {source}: checks[{i}] has no kind = \"...\"")
     return AuditConfig(
         dataset=table.get("dataset"), device=table.get("device"), report_dir=table.get("report_dir"),
-        batch_size=batch, strict=strict, checks=[dict(c) for c in checks], source=source,
+        batch_size=batch, memory=memory, strict=strict, checks=[dict(c) for c in checks], source=source,
     )

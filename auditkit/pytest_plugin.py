@@ -39,6 +39,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="folder for index.html, audit.json and evidence (default: audit-report)")
     group.addoption("--audit-batch-size", dest="audit_batch_size", type=int, metavar="N",
                     help="largest batch for the model's forward (default 64; halves on out-of-memory)")
+    group.addoption("--audit-memory", dest="audit_memory", metavar="SIZE",
+                    help="memory for results reused across checks (clean forwards, layer features): a size "
+                         "such as 2GB or 512MB, 0 for none, or a fraction of physical memory such as 0.1 "
+                         "(default: [tool.auditkit] memory, else 5 %% of physical memory)")
     group.addoption("--audit-strict", action="store_true", default=None, dest="audit_strict",
                     help="an INCONCLUSIVE check (the audit set cannot decide) fails instead of passing with a "
                          "warning (default: [tool.auditkit] strict, else false)")
@@ -60,6 +64,14 @@ def pytest_configure(config: pytest.Config) -> None:
     batch_size = config.getoption("audit_batch_size")
     if batch_size is not None and batch_size < 1:
         raise pytest.UsageError(f"--audit-batch-size must be a positive integer, got {batch_size}")
+    memory = config.getoption("audit_memory")
+    if memory is not None:
+        from auditkit.config import parse_memory
+
+        try:
+            memory = parse_memory(memory)
+        except ValueError as exc:
+            raise pytest.UsageError(str(exc)) from exc
     invocation_dir = Path(config.invocation_params.dir)
     try:
         for name in models:
@@ -78,7 +90,7 @@ def pytest_configure(config: pytest.Config) -> None:
             staging = make_staging(target)
         session = AuditSession(
             models=list(dict.fromkeys(models)), config=settings, dataset=dataset,
-            device=config.getoption("audit_device"), batch_size=batch_size, report_dir=staging,
+            device=config.getoption("audit_device"), batch_size=batch_size, memory=memory, report_dir=staging,
         )
     except (AuditConfigError, CheckConfigError, UnknownNameError, ReportFolderError) as exc:
         raise pytest.UsageError(str(exc)) from exc

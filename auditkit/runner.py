@@ -30,6 +30,7 @@ class AuditSession:
     device: str | None = None
     report_dir: Path = Path(DEFAULT_REPORT_DIR)
     batch_size: int | None = None
+    memory: int | None = None  # bytes kept for reuse per Subject (--audit-memory); None: config, else default
     checks: list[Check] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _subjects: dict[str, Any] = field(default_factory=dict)
@@ -67,7 +68,8 @@ class AuditSession:
         # CLI over file over default; under pytest-xdist each worker takes its own entry or GPU
         device = device_for_worker(self.device or self.config.device or "auto", os.environ.get("PYTEST_XDIST_WORKER"))
         batch = self.batch_size or self.config.batch_size or 64
-        return Subject(spec, device=device, batch_size=batch).open()
+        memory = self.memory if self.memory is not None else self.config.memory
+        return Subject(spec, device=device, batch_size=batch, memory=memory).open()
 
     def dataset_name(self, model: str) -> str:
         name = self.dataset or self.config.dataset or self.subject(model).spec.dataset

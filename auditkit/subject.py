@@ -24,6 +24,8 @@ from typing import Callable, Iterator, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
+from auditkit.cache import ResultCache, content_digest
+from auditkit.config import parse_memory
 from auditkit.spec import ModelSpec
 
 log = logging.getLogger("auditkit")
@@ -280,12 +282,15 @@ def discover_layers(module: nn.Module) -> list[str]:
 class Subject:
     """A model under audit: device, eval mode, normalisation, layers, hooks, batched forward."""
 
-    def __init__(self, spec: ModelSpec, device: str | torch.device | None = "auto", batch_size: int = 64):
+    def __init__(self, spec: ModelSpec, device: str | torch.device | None = "auto", batch_size: int = 64,
+                 memory: int | None = None):
         if batch_size < 1:
             raise AuditModelError(f"model {spec.name!r}: batch_size must be >= 1, got {batch_size}")
         self.spec = spec
         self.device = resolve_device(device)
         self.batch_size = batch_size
+        # results of clean forwards, reused by every check (auditkit.cache); `memory` bytes, None: the default
+        self.cache = ResultCache(parse_memory(None) if memory is None else memory)
         self._state: _ModuleState | None = None
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -374,6 +379,8 @@ class Subject:
         hooks = self._remove_new_hooks(modules, state.hooks)
         if hooks:
             done.append(_listed("hooks", hooks))
+        if done:  # kept results were computed by a model that may have differed from the audit state
+            self.cache.clear()
         return done
 
     def _restore_values(self, state: _ModuleState, modules: dict[str, nn.Module]) -> list[str]:
@@ -403,6 +410,7 @@ class Subject:
     def close(self) -> None:
         """Give the module back exactly as open() found it (device, modes, flags, grads, values, hooks)."""
         state, self._state = self._state, None
+        self.cache.clear()
         if state is None:
             return
         module = self.module
@@ -527,8 +535,45 @@ class Subject:
 
     @torch.no_grad()
     def predict(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Logits for any number of images (pixels in [0, 1]), N x classes float32 on the CPU, in chunks."""
-        return self.predict_rows(pixels.shape[0], lambda rows: pixels[rows])
+        """Logits for any number of images (pixels in [0, 1]), N x classes float32 on the CPU, in chunks;
+        kept (Subject.remembered), so the same images are not run twice."""
+        return self.remembered(("logits",), pixels, lambda: self.predict_rows(pixels.shape[0], lambda rows: pixels[rows]))
+
+    # -- results kept for reuse --------------------------------------------------
+    def remembered(self, what: tuple, pixels: torch.Tensor, compute: Callable[[], T]) -> T:
+        """compute(), or the result kept from an earlier call with the same `what` on the same pixels
+        (by content, auditkit.cache), within the Subject's memory budget. Kept only while the model is as
+        open() left it: open, in eval mode, no hook added, no parameter edited in place; restore() drops
+        everything when it had to put something back. The result is shared: do not change it in place."""
+        token = self._cache_token(pixels)
+        if token is None:
+            return compute()
+        key = (what, token)
+        kept = self.cache.get(key)
+        if kept is not None:
+            return kept
+        value = compute()
+        self.cache.put(key, value)
+        return value
+
+    def keep(self, what: tuple, pixels: torch.Tensor, value: object) -> None:
+        """Keep `value` as remembered() would have for (what, pixels): a result that came for free with
+        another (the logits of a feature sweep)."""
+        token = self._cache_token(pixels)
+        if token is not None:
+            self.cache.put((what, token), value)
+
+    def _cache_token(self, pixels: torch.Tensor) -> tuple | None:
+        state = self._state
+        if state is None or self.cache.budget == 0:
+            return None
+        module = self.module
+        if any(m.training for m in module.modules()) or _hook_keys(module) != state.hooks:
+            return None
+        digest = content_digest(pixels)
+        if digest is None:
+            return None
+        return digest, tuple(p._version for p in module.parameters())
 
     @torch.no_grad()
     def predict_rows(self, total: int, build: Callable[[slice], torch.Tensor],
@@ -565,9 +610,10 @@ class Subject:
     # -- copies ------------------------------------------------------------
     def derived(self, module: nn.Module) -> "Subject":
         """A Subject for another module (a randomised or stripped copy of this one): the same spec otherwise,
-        layers, device and batch size. Use it as a context manager, like any Subject."""
+        layers, device, batch size and memory budget (its own, empty cache). Use it as a context manager,
+        like any Subject."""
         spec = dataclasses.replace(self.spec, module=module, layers=list(self.layers))
-        return Subject(spec, device=self.device, batch_size=self.batch_size)
+        return Subject(spec, device=self.device, batch_size=self.batch_size, memory=self.cache.budget)
 
     def randomised(self, seed: int = 0) -> "Subject":
         """derived() on a copy of the module with every parameter layer re-initialised

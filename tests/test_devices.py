@@ -98,7 +98,7 @@ def test_the_count_defaults_to_torchs(monkeypatch):
 class FakeSubject:
     """Stands in for Subject: records the device the session asked for and opens nothing."""
 
-    def __init__(self, spec, device, batch_size):
+    def __init__(self, spec, device, batch_size, memory=None):
         self.spec, self.device, self.batch_size = spec, device, batch_size
 
     def open(self):

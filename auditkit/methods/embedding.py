@@ -82,7 +82,8 @@ def penultimate_layer(subject, probe: torch.Tensor) -> str:
 def penultimate_features(subject, images: torch.Tensor, linear: str = "") -> torch.Tensor:
     """The input of the final nn.Linear (see penultimate_layer) for all images: N x D float32 on the CPU.
 
-    `linear` may name that layer when it is already known (saves the probe forward).
+    `linear` may name that layer when it is already known (saves the probe forward). Kept by the Subject
+    for the same images (Subject.remembered): do not change the result in place.
     Images (pixels in [0, 1]) go through Subject.chunks under no_grad; the input is captured by a forward hook of the Subject, which is
     removed even when the forward raises. Inputs with more than two dimensions
     are flattened to N x D.
@@ -90,6 +91,10 @@ def penultimate_features(subject, images: torch.Tensor, linear: str = "") -> tor
     if images.shape[0] == 0:
         raise ValueError("penultimate_features: no images given")
     layer = linear or penultimate_layer(subject, images)
+    return subject.remembered(("penultimate", layer), images, lambda: _inputs_of_layer(subject, images, layer))
+
+
+def _inputs_of_layer(subject, images: torch.Tensor, layer: str) -> torch.Tensor:
     inputs_seen: list[torch.Tensor] = []
 
     def keep_input(_m: nn.Module, inputs: tuple, _out: object) -> None:

@@ -97,12 +97,22 @@ def layer_features(subject, images: torch.Tensor, layers: Sequence[str], *, flat
 
 def features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], *,
                         flatten: bool = True) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """(layer_features(...), the logits of the same forward passes, N x classes float32 on the CPU)."""
+    """(layer_features(...), the logits of the same forward passes, N x classes float32 on the CPU).
+
+    Kept by the Subject (Subject.remembered) for the same images and layers, with the logits as
+    Subject.predict's; a new dict each call, holding the kept tensors (do not change them in place)."""
+    layers = list(dict.fromkeys(layers))
+    feats, logits = subject.remembered(("features", tuple(layers)), images,
+                                       lambda: _features_and_logits(subject, images, layers))
+    subject.keep(("logits",), images, logits)
+    return {name: v.flatten(1) if flatten and v.ndim > 1 else v for name, v in feats.items()}, logits
+
+
+def _features_and_logits(subject, images: torch.Tensor, layers: Sequence[str]):
     n = images.shape[0]
     out: dict[str, torch.Tensor] = {}
 
     def store(name: str, start: int, value: torch.Tensor) -> None:
-        value = value.flatten(1) if flatten else value
         target = out.get(name)
         if target is None:
             target = out[name] = torch.empty((n, *value.shape[1:]), dtype=torch.float32)
