@@ -8,8 +8,10 @@ controller (xdist-aware) writes index.html and audit.json at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +176,7 @@ class AuditItem(pytest.Item):
 
     def setup(self) -> None:
         session = _session(self.config)
-        result = session.run(self.model, self.check)
+        result = session.run(self.model, self.check, progress=_terminal_progress(self.config))
         self.result = result
         self.stash[RESULT_KEY] = (result.to_dict(), session.model_info(self.model))
         for key, value in junit_properties(result):
@@ -212,6 +214,31 @@ class AuditItem(pytest.Item):
 
     def reportinfo(self) -> tuple[Any, int | None, str]:
         return self.path, None, f"audit[{self.model}]::{self.name}"
+
+
+def _terminal_progress(config: pytest.Config):
+    """A progress sink that writes the check's line in place on pytest's terminal, or None where nothing
+    should be shown: output not on an interactive terminal (a CI log), an xdist worker, -q -q."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None or _is_worker(config) or not bool(reporter.isatty) or config.get_verbosity() < -1:
+        return None
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    writer = reporter._tw  # pytest's TerminalWriter: its width and the current line's
+    shown = {"width": 0}
+
+    def sink(event: Any) -> None:
+        width = shown["width"]
+        room = writer.fullwidth - writer.width_of_current_line - 2  # the writer never sees our text
+        text = "" if event.finished else f" [{event.line}]"[: max(0, room)]
+        erase = "\b" * width + " " * width + "\b" * width  # back over our last text, leaving pytest's own
+        # straight to the terminal (capture suspended), not through pytest's writer, whose count of the
+        # line's width places its own "[ 40%]"; what we write is erased again
+        with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+            sys.stdout.write(erase + text)
+            sys.stdout.flush()
+        shown["width"] = len(text)
+
+    return sink
 
 
 def junit_properties(result: Any) -> list[tuple[str, str]]:

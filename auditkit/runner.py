@@ -97,8 +97,9 @@ class AuditSession:
         return self._sets[model]
 
     # -- running -----------------------------------------------------------
-    def run(self, model: str, check: Check) -> CheckResult:
-        """Run one check on one model; building failures become an ERROR result, evidence is saved."""
+    def run(self, model: str, check: Check, progress=None) -> CheckResult:
+        """Run one check on one model; building failures become an ERROR result, evidence is saved.
+        `progress`: a progress sink (auditkit.progress) for this check, or None."""
         start = time.perf_counter()
         try:
             subject = self.subject(model)
@@ -112,7 +113,11 @@ class AuditSession:
             result.title = check.title
             result.duration_s = time.perf_counter() - start
             return result
-        result = check.execute(subject, data)
+        subject.progress = progress
+        try:
+            result = check.execute(subject, data)
+        finally:
+            subject.progress = None
         result.model = model
         result.save_evidence(self.report_dir)
         return result

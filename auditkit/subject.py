@@ -291,6 +291,8 @@ class Subject:
         self.batch_size = batch_size
         # results of clean forwards, reused by every check (auditkit.cache); `memory` bytes, None: the default
         self.cache = ResultCache(parse_memory(None) if memory is None else memory)
+        self.progress = None  # a progress sink (auditkit.progress); Check.execute then tracks each check
+        self.tracker = None  # the running check's progress.Tracker, which chunks() and the optimiser update
         self._state: _ModuleState | None = None
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -515,6 +517,8 @@ class Subject:
                     raise
                 failed = rows.stop - rows.start
             else:
+                if self.tracker is not None:
+                    self.tracker.update("inputs", rows.stop, total)
                 yield result
                 start = rows.stop
                 continue
@@ -613,7 +617,9 @@ class Subject:
         layers, device, batch size and memory budget (its own, empty cache). Use it as a context manager,
         like any Subject."""
         spec = dataclasses.replace(self.spec, module=module, layers=list(self.layers))
-        return Subject(spec, device=self.device, batch_size=self.batch_size, memory=self.cache.budget)
+        other = Subject(spec, device=self.device, batch_size=self.batch_size, memory=self.cache.budget)
+        other.tracker = self.tracker  # its work is the running check's
+        return other
 
     def randomised(self, seed: int = 0) -> "Subject":
         """derived() on a copy of the module with every parameter layer re-initialised

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from auditkit.progress import Tracker
 from auditkit.reportdir import EVIDENCE_DIR, atomic_write, evidence_stem
 
 if typing.TYPE_CHECKING:  # pragma: no cover
@@ -251,6 +252,9 @@ class Check:
     def execute(self, subject: "Subject", audit_set: "AuditSet") -> CheckResult:
         """run() with timing; an exception becomes an ERROR result carrying the traceback.
 
+        When the Subject has a progress sink (subject.progress), the check's progress is tracked
+        (auditkit.progress.Tracker) and shown through it.
+
         Afterwards, even when run() raised, the Subject is put back in its audit
         state (Subject.restore): a check that trained the model or left a hook
         cannot change what the next check sees; what had to be put back is
@@ -258,11 +262,18 @@ class Check:
         """
         start = time.perf_counter()
         restored: list[str] = []
+        sink = getattr(subject, "progress", None)
+        tracker = Tracker(self.name, sink) if sink is not None else None
+        if tracker is not None:
+            subject.tracker = tracker
         try:
             result = self.run(subject, audit_set)
         except Exception as exc:  # noqa: BLE001 - a crashed check is reported, not raised
             result = self.error_result(f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:
+            if tracker is not None:
+                subject.tracker = None
+                tracker.finish()
             restore = getattr(subject, "restore", None)
             if callable(restore) and getattr(subject, "is_open", False):
                 restored = restore()

@@ -11,6 +11,7 @@ from auditkit.checks.base import Check, CheckConfigError, CheckResult, require_a
 from auditkit.checks.decision import ALPHA, decide
 from auditkit.checks.saliency import Method, run_auto, validate_method_layer
 from auditkit.methods import randomisation as rnd
+from auditkit.progress import report
 from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
 from auditkit.methods import saliency as sal
 
@@ -90,7 +91,9 @@ class SaliencySanity(Check):
         dropped = int((~usable).sum())
 
         rows, step_maps, rho = [], [], torch.empty(0)
+        steps = len(rnd.cascade_blocks(subject.module, self.max_steps))
         for name, copy in rnd.cascade(subject.module, seed=self.seed, max_steps=self.max_steps):
+            report(subject, "steps", len(rows) + 1, steps)
             with subject.derived(copy) as randomised:
                 maps = self._maps(randomised, images, labels, layer, ids, f"randomised (down to {name or '<root>'})")
             rho = rnd.spearman_rows(original, maps)[usable]

@@ -42,6 +42,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from auditkit.progress import report
 from auditkit.subject import AuditModelError, value_and_gradient
 
 #: (pixels of some rows, those rows of the batch) -> per-image terms, each a tensor of one value per row
@@ -187,6 +188,7 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
                 dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
                 x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
             terms, grad = _terms_and_gradient(objective, x, subject)
+            report(subject, "steps", step + 1, steps)
             for key, value in terms.items():
                 curves.setdefault(key, []).append(value.float())
             done = step + 1
