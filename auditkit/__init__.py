@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "register_model", "register_dataset", "register_check",
     "ModelSpec", "AuditSet", "Sample", "Box", "Check", "CheckResult", "Status", "Subject", "decide", "Decision",
+    "ProgressEvent", "tqdm_progress",
 ]
 
 _LAZY = {
@@ -27,12 +28,15 @@ _LAZY = {
     "Subject": "auditkit.subject",
     "decide": "auditkit.checks.decision",
     "Decision": "auditkit.checks.decision",
+    "ProgressEvent": "auditkit.progress",
+    "tqdm_progress": "auditkit.progress",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from auditkit.checks.base import Check, CheckResult, Status
     from auditkit.checks.decision import Decision, decide
     from auditkit.data import AuditSet, Box, Sample
+    from auditkit.progress import ProgressEvent, tqdm_progress
     from auditkit.spec import ModelSpec
     from auditkit.subject import Subject
 
