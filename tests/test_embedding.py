@@ -685,3 +685,18 @@ def test_a_query_alone_in_its_class_is_not_judged():
         result = FeatureNeighbours(layer="means", queries=0).execute(subject, lonely)
     assert result.decision["n"] == 24 and "1 image(s) alone in their class not judged" in result.message
     assert [g["class"] for g in result.decision["by_class"]] == ["red", "green"]
+
+
+def test_class_separation_votes_over_the_classes_present_only():
+    """Three classes of a 1000-class model give the same test as the same three numbered 0..2 (the vote is
+    over the classes present; before, every permutation one-hot-encoded 1000 columns)."""
+    gen = torch.Generator().manual_seed(3)
+    small = torch.tensor([0, 1, 2] * 8)
+    tsne = torch.randn(24, 2, generator=gen) + 3.0 * small.view(-1, 1).float()
+    check = ClassSeparation(permutations=199)
+    few, few_correct, few_chance = check._decide(tsne, small, ["a", "b", "c"])
+    ids = torch.tensor([3, 500, 999])
+    names = [f"c{k}" for k in range(1000)]
+    many, many_correct, many_chance = check._decide(tsne, ids[small], names)
+    assert few.p_value == many.p_value and few.value == many.value and torch.equal(few_correct, many_correct)
+    assert [many_chance[int(c)] for c in ids] == [few_chance[c] for c in range(3)]

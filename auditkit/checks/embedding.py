@@ -382,26 +382,30 @@ class ClassSeparation(Check):
         per-class (accuracy, chance) for the table."""
         n, classes = labels.shape[0], max(len(names), int(labels.max()) + 1)
         present = labels.bincount(minlength=classes)
+        # the test runs on the classes present, numbered 0..P-1 (the vote, and so the result, is the same;
+        # a 1000-class model's 5-class audit set would otherwise vote over 1000 one-hot columns)
+        present_ids = labels.unique(sorted=True)
+        compact = torch.searchsorted(present_ids, labels)
         idx = em.knn_indices(tsne, self.k)
-        statistic = _PermutedAccuracy(idx, classes)
-        batch = max(1, min(self.permutations, 2 ** 22 // max(1, n * self.k * classes)))
-        res = stats.permutation_test((labels.numpy(),), statistic, permutation_type="pairings", vectorized=True,
+        statistic = _PermutedAccuracy(idx, len(present_ids))
+        batch = max(1, min(self.permutations, 2 ** 22 // max(1, n * self.k * len(present_ids))))
+        res = stats.permutation_test((compact.numpy(),), statistic, permutation_type="pairings", vectorized=True,
                                      n_resamples=self.permutations, batch=batch, alternative="greater",
                                      rng=np.random.default_rng(self.seed))
         accuracy, p = float(res.statistic), float(res.pvalue)
         chance = float(np.mean(res.null_distribution))
-        correct_per_image = em.knn_vote(labels[idx], classes) == labels  # the observed statistic, per image
+        correct_per_image = em.knn_vote(compact[idx], len(present_ids)) == compact  # the observed statistic, per image
         correct = int(correct_per_image.sum())
         ci = stats.binomtest(correct, n).proportion_ci(confidence_level=1 - 2 * self.alpha, method="exact")
         kappa = _kappa(accuracy, chance)
-        class_chance = (statistic.class_sums / max(1, statistic.permutations)).tolist()
+        chance_of = dict(zip(present_ids.tolist(), (statistic.class_sums / max(1, statistic.permutations)).tolist()))
         by_class = []
         for c, cname in enumerate(names):
             mask = labels == c
             if mask.any():
                 acc_c = float(correct_per_image[mask].double().mean())
-                by_class.append({"class": cname, "n": int(mask.sum()), "value": acc_c, "control": class_chance[c],
-                                 "effect": _kappa(acc_c, class_chance[c]), "model_wins": int(correct_per_image[mask].sum())})
+                by_class.append({"class": cname, "n": int(mask.sum()), "value": acc_c, "control": chance_of[c],
+                                 "effect": _kappa(acc_c, chance_of[c]), "model_wins": int(correct_per_image[mask].sum())})
         arrangements = _arrangements(present.tolist(), math.ceil(1.0 / self.alpha))
         reasons = []
         if arrangements * self.alpha < 1.0:
@@ -421,7 +425,7 @@ class ClassSeparation(Check):
                             alpha=self.alpha, min_effect=self.min_kappa, value=accuracy, control=chance,
                             reason="; ".join(reasons), needed=_needed_images(int((present > 0).sum()), self.alpha),
                             by_class=by_class, labels=dict(self._LABELS))
-        return decision, correct_per_image, class_chance
+        return decision, correct_per_image, chance_of
 
     def run(self, subject, audit_set) -> CheckResult:
         images, labels = audit_set.images(), audit_set.labels()
