@@ -44,6 +44,10 @@ _HOOK_DICTS = (
 
 
 T = TypeVar("T")
+#: A forward + backward holds every activation for the backward: measured 5.7x (resnet18) and 7.8x
+#: (resnet50) the memory of a no-grad forward of the same chunk at 64 px, so its chunk is a quarter of
+#: batch_size (benchmarks/suite.py).
+BACKWARD_COST = 4
 #: An objective of the chunked forward + backward: (pixels of some rows, those rows) -> one value per row,
 #: or a dict of such tensors with a "total".
 Objective = Callable[[torch.Tensor, slice], Union[torch.Tensor, dict]]
@@ -526,8 +530,7 @@ class Subject:
 
     def _shrink_batch(self, rows: int, cost: int) -> None:
         if rows <= 1:
-            what = "one image" if cost == 1 else f"one image ({cost} model rows)"
-            raise AuditModelError(f"model {self.name!r}: out of memory on {self.device} with a chunk of {what}; "
+            raise AuditModelError(f"model {self.name!r}: out of memory on {self.device} with a chunk of one image; "
                                   "audit on a device with more memory, or at a smaller input size")
         size = self.batch_size
         while size > 1 and max(1, size // cost) >= rows:  # halve until the next chunk is smaller than the one that failed
@@ -595,13 +598,14 @@ class Subject:
                   cost: int = 1) -> Iterator[tuple[slice, torch.Tensor, object]]:
         """The Subject's one chunked forward + backward.
 
+        A chunk holds batch_size // (cost * BACKWARD_COST) rows: the backward keeps every activation.
         For each chunk of rows: x = build(rows) (pixels) as a leaf that requires grad, on the device;
         v = objective(x, rows) with autograd on: one value per model row, or a dict of such tensors whose
         "total" is the one differentiated. Yields (rows, d sum(v) / d x on the device, v detached). In
         eval mode the model's rows are independent, so row i's gradient is d v_i / d x_i alone.
         """
         return self.chunks(total, lambda rows: (rows, *value_and_gradient(objective, build(rows), rows, self.device)),
-                           cost=cost)
+                           cost=cost * BACKWARD_COST)
 
     def target_logits(self, targets: torch.Tensor) -> Objective:
         """The objective (x, rows) -> f_t(x): the logit of targets[rows] for each image, through this Subject."""
