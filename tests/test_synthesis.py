@@ -259,7 +259,7 @@ def test_demo_inverts_but_no_better_than_through_random_weights(demo_results):
     layers), so the inversion measures the optimiser: evidence (INFO), not a pass. Before: PASSED."""
     result = demo_results["inversion-converges"]
     assert result.status is Status.INFO, result.summary() + (result.error or "")
-    assert [r["layer"] for r in result.rows] == ["stage1", "stage2", "stage3", "stage4"]
+    assert [r["layer"] for r in result.rows] == ["stage1", "stage3", "stage4"]  # max_layers 3 of the 4, spread
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
     # every layer converged: the normalised errors are far below max_error 0.5 and the losses settled
     assert max(r["normalised_error"] for r in result.rows) <= 0.35  # 0.28 measured
@@ -291,7 +291,7 @@ def test_demo_synthesises_textures_but_random_weights_match_better(demo_results)
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
     assert max(r["normalised_error"] for r in result.rows) <= 0.45  # converged: 0.40 at most, measured
     assert all(r["random_over_trained"] < 1 for r in result.rows)  # random weights match closer at every layer
-    assert "random weights converge measurably closer than the trained model: stage1, stage2" in result.message
+    assert "random weights converge measurably closer than the trained model: stage1, stage3" in result.message
     # the losses settle before the budget: the early stop saves the schedule's tail (210 and 186 of 250 measured)
     assert result.details["settled_step"] is not None and result.details["steps_used"] < 230
     assert result.details["settled_step_random"] is not None and result.details["steps_used_random"] < 230
@@ -450,3 +450,12 @@ def test_class_visualisation_of_1000_classes_optimises_16_the_audit_sets_first_i
     with pytest.raises(CheckConfigError, match="max_classes"):
         ClassVisualisation(classes=("c1", "c2", "c3"), max_classes=2)
     assert ClassVisualisation(classes=("c1", "c2", "c3"), max_classes=0).max_classes == 0  # 0: no limit
+
+
+def test_optimisation_checks_take_at_most_max_layers_spread_over_the_named_layers():
+    from auditkit.checks.inversion import spread_layers
+
+    five = ("conv1", "layer1", "layer2", "layer3", "layer4")
+    assert spread_layers(five, 3) == ("conv1", "layer2", "layer4")
+    assert spread_layers(five, 2) == ("conv1", "layer4") and spread_layers(five, 1) == ("layer4",)
+    assert spread_layers(five, 0) == five == spread_layers(five, 9)

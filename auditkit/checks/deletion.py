@@ -43,11 +43,11 @@ class DeletionInsertion(Check):
 
     method: Method = "auto"
     layer: str = ""
-    steps: int = 32
+    steps: int = 16
     min_margin: float = 0.1
     min_win_rate: float = 0.6  # of each curve's own sign test, shown beside the verdict
     alpha: float = ALPHA
-    samples: int = 0
+    samples: int = 32
     random_orders: int = 1
     seed: int = 0
 

@@ -20,9 +20,10 @@ CONSTANT_REASON = "layer output is constant up to rounding (numerics.constant_ro
 
 
 def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...], list[int], torch.Tensor]:
-    """(layers, sample indices, images) for an optimisation check: its `layers` or every named layer (each
-    validated, unknown ones listing the valid names), and `samples` images taken class by class."""
-    layers = tuple(dict.fromkeys(check.layers or subject.layers))
+    """(layers, sample indices, images) for an optimisation check: its `layers`, or at most `max_layers`
+    named layers spread from the first to the last (each validated, unknown ones listing the valid names),
+    and `samples` images taken class by class."""
+    layers = tuple(dict.fromkeys(check.layers or spread_layers(subject.layers, check.max_layers)))
     if not layers:
         raise CheckConfigError(f"check {check.name!r}: model {subject.name!r} has no named layers; "
                                f"name them with the `layers` parameter")
@@ -30,6 +31,16 @@ def layers_and_sources(check: Check, subject, audit_set) -> tuple[tuple[str, ...
         subject.layer(layer)
     indices = class_round_robin(audit_set.labels(), check.samples)
     return layers, indices, audit_set.subset(indices).images()
+
+
+def spread_layers(layers, count: int) -> tuple[str, ...]:
+    """At most `count` of `layers` (all when count <= 0): the first, the last and evenly spaced between."""
+    layers = tuple(layers)
+    if count <= 0 or len(layers) <= count:
+        return layers
+    if count == 1:
+        return layers[-1:]
+    return tuple(layers[round(k * (len(layers) - 1) / (count - 1))] for k in range(count))
 
 
 def class_round_robin(labels: torch.Tensor, samples: int) -> list[int]:
@@ -129,6 +140,7 @@ class ConvergenceCheck(Check):
     """
 
     layers: tuple[str, ...] = ()
+    max_layers: int = 3  # without `layers`: this many named layers, first to last (each costs an optimisation)
     steps: int = 100
     samples: int = 8
     lr: float = 0.1

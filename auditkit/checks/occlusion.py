@@ -74,9 +74,10 @@ class OcclusionDrop(Check):
             raise CheckConfigError(f"check {self.name!r}: patch, stride and evidence_samples must be >= 0")
 
     def window(self, height: int, width: int) -> tuple[int, int]:
-        """Sensitivity-map window: patch defaults to a fifth of the shorter side, stride to a third of the patch."""
+        """Sensitivity-map window: patch defaults to a fifth of the shorter side, stride to half the patch
+        (9 x 9 windows; the map is evidence, the verdict uses the boxes)."""
         patch = self.patch or max(2, min(height, width) // 5)
-        return patch, self.stride or max(1, patch // 3)
+        return patch, self.stride or max(1, patch // 2)
 
     def _decide(self, drop_object, drop_control, groups, why: str = ""):
         return decide(drop_object, drop_control, effect="difference", min_effect=self.min_margin, alpha=self.alpha,
