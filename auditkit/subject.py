@@ -26,6 +26,7 @@ from torch import nn
 
 from auditkit.cache import ResultCache, content_digest
 from auditkit.config import parse_memory
+from auditkit.progress import report
 from auditkit.spec import ModelSpec
 
 log = logging.getLogger("auditkit")
@@ -521,8 +522,7 @@ class Subject:
                     raise
                 failed = rows.stop - rows.start
             else:
-                if self.tracker is not None:
-                    self.tracker.update("inputs", rows.stop, total)
+                report(self, "inputs", rows.stop, total)
                 yield result
                 start = rows.stop
                 continue
@@ -583,15 +583,10 @@ class Subject:
         return digest, tuple(p._version for p in module.parameters())
 
     @torch.no_grad()
-    def predict_rows(self, total: int, build: Callable[[slice], torch.Tensor],
-                     progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def predict_rows(self, total: int, build: Callable[[slice], torch.Tensor]) -> torch.Tensor:
         """Logits of `total` images made chunk by chunk by build(rows) (perturbed images are never all
-        built at once): total x classes float32 on the CPU. progress(done, total) after each chunk."""
-        outs = []
-        for rows, out in self.chunks(total, lambda rows: (rows, self.forward(build(rows)).float().cpu())):
-            outs.append(out)
-            if progress:
-                progress(rows.stop, total)
+        built at once): total x classes float32 on the CPU."""
+        outs = list(self.chunks(total, lambda rows: self.forward(build(rows)).float().cpu()))
         return torch.cat(outs) if outs else torch.empty(0, self.spec.num_classes)
 
     def gradients(self, total: int, build: Callable[[slice], torch.Tensor], objective: Objective, *,

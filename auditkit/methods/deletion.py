@@ -15,7 +15,7 @@ over pixels in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -69,7 +69,6 @@ def deletion_insertion_curves(
     deletion_baseline: str = "grey",
     insertion_baseline: str = "blur",
     generator: torch.Generator | None = None,
-    progress: Callable[[int, int], None] | None = None,
     sample_ids: Sequence[object] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Deletion and insertion curves of p(target | perturbed image), each N x (steps + 1).
@@ -109,7 +108,7 @@ def deletion_insertion_curves(
         ins = insertion.long()
         return torch.where(top, bank[ins, img], bank[ins + 1, img])
 
-    logits = subject.predict_rows(total, perturbed, progress)
+    logits = subject.predict_rows(total, perturbed)
     probs = torch.softmax(logits, dim=1)
     owner = (torch.arange(total) % per_curve) // per_image
     p = probs[torch.arange(total), targets[owner]].view(2, n, per_image)

@@ -102,9 +102,13 @@ def features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], *,
     Kept by the Subject (Subject.remembered) for the same images and layers, with the logits as
     Subject.predict's; a new dict each call, holding the kept tensors (do not change them in place)."""
     layers = list(dict.fromkeys(layers))
-    feats, logits = subject.remembered(("features", tuple(layers)), images,
-                                       lambda: _features_and_logits(subject, images, layers))
-    subject.keep(("logits",), images, logits)
+
+    def sweep():
+        feats, logits = _features_and_logits(subject, images, layers)
+        subject.keep(("logits",), images, logits)  # the same forward's logits, as Subject.predict's
+        return feats, logits
+
+    feats, logits = subject.remembered(("features", tuple(layers)), images, sweep)
     return {name: v.flatten(1) if flatten and v.ndim > 1 else v for name, v in feats.items()}, logits
 
 

@@ -145,14 +145,13 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
         # row r of the batch reconstructs image r % n from layer r // n
         # (rows are layer-major: a chunk holds one layer's rows, or the end and start of two); each
         # layer's rows run forward only to that layer
-        feature = torch.zeros(x.shape[0], device=x.device)
+        parts = []
         for g in range(rows.start // n, (rows.stop - 1) // n + 1):
-            lo, hi = max(rows.start, g * n), min(rows.stop, (g + 1) * n)
-            mine = slice(lo - rows.start, hi - rows.start)
-            out = forward_to(subject, x[mine], [layers[g]])[layers[g]]
+            lo, hi = max(rows.start, g * n), min(rows.stop, (g + 1) * n)  # this layer's rows of the chunk
+            out = forward_to(subject, x[lo - rows.start:hi - rows.start], [layers[g]])[layers[g]]
             diff = out.flatten(1).float() - targets[g][lo - g * n:hi - g * n]
-            feature = feature.index_put((torch.arange(mine.start, mine.stop, device=x.device),),
-                                        diff.pow(2).sum(1) / denom[g][lo - g * n:hi - g * n])
+            parts.append(diff.pow(2).sum(1) / denom[g][lo - g * n:hi - g * n])
+        feature = torch.cat(parts)  # the layers' rows are consecutive, so in the chunk's order
         a, tv = alpha_norm(x, alpha), total_variation(x, beta)
         return {"feature": feature, "alpha": a, "tv": tv, "total": feature + lambda_alpha * a + lambda_tv * tv}
 

@@ -5,7 +5,7 @@ Subject's batched forward; nothing loops over pixels in Python.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +76,6 @@ def occlusion_map(
     patch: int = 12,
     stride: int = 4,
     baseline: str = "grey",
-    progress: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Occlusion sensitivity, N x H x W.
 
@@ -101,7 +100,7 @@ def occlusion_map(
         masks = in_row[k // len(xs)].bool()[:, :, None] & in_col[k % len(xs)].bool()[:, None, :]
         return occlude(images[img], masks, base[img])
 
-    logits = subject.predict_rows(total, occluded_images, progress)
+    logits = subject.predict_rows(total, occluded_images)
     probs = torch.softmax(logits, dim=1)
     owner = torch.arange(total) // per_image
     occluded = probs[torch.arange(total), labels[owner]]
