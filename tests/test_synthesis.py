@@ -92,6 +92,63 @@ def test_loop_reaches_the_optimum_of_a_quadratic(parametrisation):
     assert (run.curves["total"][-1] < 1e-3 * run.curves["total"][0]).all()
 
 
+@pytest.mark.parametrize("parametrisation", ["sigmoid", "fourier"])
+def test_lbfgs_reaches_the_optimum_of_a_quadratic_in_fewer_evaluations_than_adam(parametrisation):
+    """The same quadratic in 30 L-BFGS steps: far closer than Adam in 30 steps, about one evaluation a step
+    (the point a line search accepted is not evaluated again), and the curves hold one row per step."""
+    target = torch.linspace(0.1, 0.9, 3 * 8 * 8).view(1, 3, 8, 8).repeat(2, 1, 1, 1)
+    target[1] = 1 - target[1]
+    calls = []
+
+    def objective(x, rows):
+        calls.append(x.shape[0])
+        err = (x - target[rows]).pow(2).flatten(1).mean(1)
+        return {"err": err, "total": err}
+
+    lbfgs = optimise(objective, (2, 3, 8, 8), steps=30, lr=1.0, parametrisation=parametrisation, optimiser="lbfgs")
+    evaluations = len(calls)
+    adam = optimise(objective, (2, 3, 8, 8), steps=30, lr=0.1, parametrisation=parametrisation)
+    assert lbfgs.steps == 30 and lbfgs.diverged_step is None and lbfgs.curves["total"].shape == (30, 2)
+    assert lbfgs.evaluations == evaluations and 30 <= evaluations < 2 * 30, evaluations
+    assert adam.evaluations == 30
+    assert float(lbfgs.curves["total"][-1].max()) < 1e-2 * float(adam.curves["total"][-1].min())
+    assert (lbfgs.images - target).abs().max() < 0.02
+    summed = lbfgs.curves["total"].sum(1)  # one line search for the batch: its summed loss never rises
+    assert (summed[1:] <= summed[:-1] + 1e-7).all()
+
+
+def test_lbfgs_refuses_jitter_and_a_line_search_into_nan_is_undone():
+    def objective(x, rows):
+        return {"total": (x - 0.3).pow(2).flatten(1).sum(1)}
+
+    with pytest.raises(ValueError, match="lbfgs.*deterministic.*jitter must be 0, got 2"):
+        optimise(objective, (2, 3, 4, 4), steps=5, jitter=2, optimiser="lbfgs")
+    with pytest.raises(ValueError, match="optimiser must be one of adam, lbfgs, got 'sgd'"):
+        optimise(objective, (2, 3, 4, 4), steps=5, optimiser="sgd")
+    with pytest.raises(CheckConfigError, match="optimiser must be one of adam, lbfgs"):
+        InversionConverges(optimiser="sgd")
+
+    def cliff(x, rows):  # finite where the first image's mean pixel stays above 0.45, NaN beyond: a cliff
+        total = (x - 0.0).pow(2).flatten(1).sum(1)
+        return {"total": torch.where(x[:1].mean() > 0.45, total, torch.full_like(total, math.nan))}
+
+    run = optimise(cliff, (2, 3, 4, 4), steps=50, init_scale=0.0, optimiser="lbfgs")
+    assert torch.isfinite(run.images).all() and torch.isfinite(run.curves["total"]).all()
+    assert not run.diverged.any() and run.diverged_step is None  # a non-finite trial is a wall, not a divergence
+    # at the wall a line search finds no step: the loop stops there, not 50 x 26 evaluations later, and the
+    # images are those whose loss it recorded last
+    assert run.settled_step is not None and run.steps < 50 and run.evaluations <= 27 * run.steps
+    last = cliff(run.images, slice(0, 2))["total"]
+    assert torch.allclose(last, run.curves["total"][-1])
+
+    def pit(x, rows):  # finite everywhere the loop evaluates first, NaN at the accepted point of the first step
+        total = (x - 0.0).pow(2).flatten(1).sum(1)
+        return {"total": torch.where(x[:1].mean() > 0.4999, total, torch.full_like(total, math.nan))}
+
+    trapped = optimise(pit, (2, 3, 4, 4), steps=5, init_scale=0.0, optimiser="lbfgs")
+    assert torch.isfinite(trapped.images).all()
+
+
 def test_loop_stops_early_once_the_loss_settles():
     """A quadratic with a floor (total = error + 1, minimum 1) settles long before a 400-step budget: the loop
     stops at the first step t >= window at which every image's total changed by <= plateau over `window`."""
@@ -261,9 +318,12 @@ def test_demo_inverts_but_no_better_than_through_random_weights(demo_results):
     assert result.status is Status.INFO, result.summary() + (result.error or "")
     assert [r["layer"] for r in result.rows] == ["stage1", "stage3", "stage4"]  # max_layers 3 of the 4, spread
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
-    # every layer converged: the normalised errors are far below max_error 0.5 and the losses settled
-    assert max(r["normalised_error"] for r in result.rows) <= 0.35  # 0.28 measured
-    assert all(abs(r["last_window_fall"]) < 0.01 for r in result.rows)  # 0.008 at most, measured
+    # every layer converged: the normalised errors are far below max_error 0.5 and the losses fell by > 90 %;
+    # L-BFGS has no schedule to settle them, so they still fall at the budget's end, and the check says so
+    assert max(r["normalised_error"] for r in result.rows) <= 0.35  # 0.26 measured (L-BFGS, 50 steps)
+    assert all(r["drop"] > 0.9 for r in result.rows)
+    assert "loss still falling at the end (stage1, stage3, stage4)" in result.message
+    assert result.details["optimiser"] == "lbfgs" and 50 <= result.details["evaluations"] <= 60  # 54 measured
     assert result.rows[-1]["random_over_trained"] < 0.75  # random weights' errors well below (0.5 measured)
     rmse = [r["pixel_rmse"] for r in result.rows]
     assert rmse == sorted(rmse) and result.details["pixel_rmse_grows_with_depth"]  # shallow is more faithful
@@ -289,12 +349,12 @@ def test_demo_synthesises_textures_but_random_weights_match_better(demo_results)
     result = demo_results["texture-synthesis-converges"]
     assert result.status is Status.INFO, result.summary() + (result.error or "")
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
-    assert max(r["normalised_error"] for r in result.rows) <= 0.45  # converged: 0.40 at most, measured
+    assert max(r["normalised_error"] for r in result.rows) <= 0.4  # converged: 0.32 at most, measured
     assert all(r["random_over_trained"] < 1 for r in result.rows)  # random weights match closer at every layer
     assert "random weights converge measurably closer than the trained model: stage1, stage3" in result.message
-    # the losses settle before the budget: the early stop saves the schedule's tail (210 and 186 of 250 measured)
-    assert result.details["settled_step"] is not None and result.details["steps_used"] < 230
-    assert result.details["settled_step_random"] is not None and result.details["steps_used_random"] < 230
+    # L-BFGS, 60 steps: about one evaluation a step (Adam needed 210 settled steps for errors up to 0.38)
+    assert result.details["optimiser"] == "lbfgs" and result.details["steps_used"] == 60
+    assert 60 <= result.details["evaluations"] <= 70  # 63 measured
     assert len(result.evidence) == 2 and result.evidence[0].media_type == "image/png"
 
 
@@ -415,8 +475,8 @@ def test_class_visualisation_of_a_one_class_model_is_an_error():
     assert "needs at least 2 classes, model 'one' has 1" in result.message
 
 
-def test_class_visualisation_of_1000_classes_optimises_16_the_audit_sets_first_in_batches():
-    """An ImageNet-sized head: only max_classes (16) classes are optimised, the audit set's own first, their
+def test_class_visualisation_of_1000_classes_optimises_8_the_audit_sets_first_in_batches():
+    """An ImageNet-sized head: only max_classes (8) classes are optimised, the audit set's own first, their
     forwards in chunks of at most the Subject's batch_size. Before: 1000 images in one batch."""
 
     class Wide(nn.Module):
@@ -442,10 +502,10 @@ def test_class_visualisation_of_1000_classes_optimises_16_the_audit_sets_first_i
     assert result.status is not Status.ERROR, result.error
     classes = [r["class"] for r in result.rows]
     assert classes[:3] == ["c3", "c500", "c999"]  # the audit set's classes first, in the model's order
-    assert classes[3:] == ["c0", "c1", "c2", "c4", "c5", "c6", "c7", "c8", "c9", "c10", "c11", "c12", "c13"]
-    assert result.details["classes_visualised"] == 16 and result.details["classes_total"] == 1000
-    assert "visualised 16 of 1000 classes" in result.message
-    assert max(batches) <= 8 and sum(batches) <= 2 * 8 * (3 + 1) + 4 * (1 + 1)  # never more than 16 images a step
+    assert classes[3:] == ["c0", "c1", "c2", "c4", "c5"]
+    assert result.details["classes_visualised"] == 8 and result.details["classes_total"] == 1000
+    assert "visualised 8 of 1000 classes" in result.message
+    assert max(batches) <= 8 and sum(batches) <= 8 * (3 + 1) + 4 * (1 + 1)  # never more than 8 images a step
     assert [r["class"] for r in capped.rows] == ["c0", "c1", "c2", "c3"]  # no audit set: the model's order
     with pytest.raises(CheckConfigError, match="max_classes"):
         ClassVisualisation(classes=("c1", "c2", "c3"), max_classes=2)

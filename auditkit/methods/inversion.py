@@ -110,7 +110,7 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
                   final_lr_ratio: float = 0.01, lambda_alpha: float = LAMBDA_ALPHA, alpha: float = 6.0,
                   lambda_tv: float = LAMBDA_TV, beta: float = 2.0, jitter: int = 0,
                   parametrisation: str = "sigmoid", seed: int = 0, plateau: float = 0.0, window: int = 10,
-                  sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
+                  optimiser: str = "adam", sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
     """Reconstruct `images` (N x C x H x W pixels in [0, 1]) from the features of each of `layers`.
 
     All layers and images are optimised together, len(layers) * N images; see the module doc.
@@ -157,8 +157,8 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
 
     shape = (groups * n, *x0.shape[1:])
     run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
-                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=device,
-                   subject=subject)
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, optimiser=optimiser,
+                   device=device, subject=subject)
     curves, recon, diverged = run.curves, run.images, run.diverged.clone()
     diverged_step, done = run.diverged_step, run.steps
 
@@ -166,7 +166,8 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
              for g, layer in enumerate(layers)}
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
-              "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window}
+              "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window,
+              "optimiser": optimiser, "evaluations": run.evaluations}
     distances = [(final[layer].flatten(1).float() - targets[g]).norm(dim=1)
                  for g, layer in enumerate(layers)]
     errors = [d / norm2[g].sqrt() for g, d in enumerate(distances)]

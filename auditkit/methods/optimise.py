@@ -12,16 +12,26 @@ recorded as curves too. The loop owns everything else:
   colour decorrelation Lucid adds is ImageNet-specific and left out). Either way x stays in (0, 1) at
   every step and gradients never vanish at a clip boundary; the start is seeded noise whose logits have
   standard deviation `init_scale`;
-- Adam, with a cosine learning-rate schedule from `lr` down to `lr * final_lr_ratio` over `steps`. The
-  small final rate makes the last steps settle, so a converged loss plateaus; whether the result is any
-  good is judged on the objective's own error, not on the plateau;
+- the optimiser, `optimiser`:
+  "adam": Adam, with a cosine learning-rate schedule from `lr` down to `lr * final_lr_ratio` over `steps`.
+  The small final rate makes the last steps settle, so a converged loss plateaus. One step is one
+  evaluation (forward + backward of the batch). Needed for a stochastic objective (jitter);
+  "lbfgs": L-BFGS (torch.optim.LBFGS, `history` correction pairs, strong-Wolfe line search, `lr` the
+  initial step length, 1 the textbook value), the optimiser Gatys et al. used for texture synthesis.
+  The line search makes a step cost one or more evaluations (about 1.05 on average, measured on the
+  demo and ResNet-18); a point the line search already evaluated is not evaluated again. It needs a
+  deterministic objective, so jitter must be 0. On a smooth objective it reaches in 60 steps a lower
+  loss than Adam in 200 (texture synthesis on the demo model and its random copy).
+  Whether the result is any good is judged on the objective's own error, not on the plateau;
 - `steps` is a budget: with `plateau` > 0 the loop stops early, at the first step t >= `window` at which
   every image's total has settled, |L_i(t) - L_i(t - window)| <= plateau * |L_i(t - window)| (neither
   still falling nor rising by more than `plateau`, relative, over the last `window` steps); the images
-  returned are those of step t, `settled_step` is t, and `steps` counts the evaluations run (t + 1);
+  returned are those of step t, `settled_step` is t, and `steps` counts the steps run (t + 1). L-BFGS
+  also settles at a step whose line search found no step to take;
 - optional jitter: at each step the objective sees the batch rolled by a random shift of up to `jitter`
   pixels in each direction (one shift for the whole batch, drawn from the seeded generator);
-- per-term, per-image loss curves (steps_done x N, on the CPU);
+- per-term, per-image loss curves (steps_done x N, on the CPU), one row per step: the point the step
+  starts from (for L-BFGS, the point the previous line search accepted);
 - NaN / inf detection: a non-finite "total", or a non-finite gradient of it (a finite loss can have
   one), stops the loop at that step before the parameters move; `diverged` marks the images whose total
   or gradient was not finite and `diverged_step` is the step. The images returned are those of that
@@ -48,6 +58,10 @@ from auditkit.subject import AuditModelError, value_and_gradient
 #: (pixels of some rows, those rows of the batch) -> per-image terms, each a tensor of one value per row
 Objective = Callable[[torch.Tensor, slice], dict[str, torch.Tensor]]
 Parametrisation = Literal["sigmoid", "fourier"]
+Optimiser = Literal["adam", "lbfgs"]
+OPTIMISERS = ("adam", "lbfgs")
+#: At most this many evaluations in one L-BFGS line search (torch's strong-Wolfe default, 25)
+LINE_SEARCH_EVALUATIONS = 25
 
 
 @dataclass
@@ -61,6 +75,7 @@ class OptimiseResult:
     steps: int  # steps run (objective evaluations)
     settled_step: int | None = None  # the step at which every image's loss had settled (plateau), None if none
     budget: int = 0  # the steps allowed
+    evaluations: int = 0  # objective evaluations (forward + backward of the batch): steps, plus line searches'
 
 
 class _Stop(Exception):
@@ -149,12 +164,13 @@ class _Pixels:
 def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: float = 0.05,
              final_lr_ratio: float = 0.01, jitter: int = 0, parametrisation: Parametrisation = "sigmoid",
              init_scale: float = 0.5, decay: float = 1.0, seed: int = 0, plateau: float = 0.0, window: int = 10,
-             device: str | torch.device = "cpu", subject=None) -> OptimiseResult:
+             optimiser: Optimiser = "adam", history: int = 10, device: str | torch.device = "cpu",
+             subject=None) -> OptimiseResult:
     """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise,
     for at most `steps` steps; with `plateau` > 0, stop once every image's total changed by at most
     `plateau` (relative) over the last `window` steps.
 
-    See the module doc for the parametrisation, schedule, early stop, jitter and divergence rules.
+    See the module doc for the parametrisation, optimisers, schedule, early stop, jitter and divergence rules.
     """
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be N x C x H x W with every size >= 1, got {tuple(shape)}")
@@ -170,12 +186,19 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
         raise ValueError(f"plateau must be >= 0, got {plateau}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    if optimiser not in OPTIMISERS:
+        raise ValueError(f"optimiser must be one of {', '.join(OPTIMISERS)}, got {optimiser!r}")
+    if optimiser == "lbfgs" and jitter:
+        raise ValueError(f"optimiser 'lbfgs' needs a deterministic objective (its line search compares losses "
+                         f"of the same objective): jitter must be 0, got {jitter}; use optimiser 'adam' with jitter")
+    if history < 1:
+        raise ValueError(f"history must be >= 1, got {history}")
     device = torch.device(device)
     n = int(shape[0])
     gen = torch.Generator(device="cpu").manual_seed(seed)
     params = _Pixels(tuple(int(s) for s in shape), parametrisation, init_scale, decay, gen, device)
-    opt = torch.optim.Adam([params.param], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * final_lr_ratio)
+    stepper = (_AdamSteps(params, lr, steps, final_lr_ratio) if optimiser == "adam" else
+               _LbfgsSteps(params, lr, history))
 
     curves: dict[str, list[torch.Tensor]] = {}
     diverged = torch.zeros(n, dtype=torch.bool)
@@ -183,21 +206,16 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
     done = 0
     with torch.enable_grad():
         for step in range(steps):
-            x = params.pixels()
-            if jitter:
-                dy, dx = torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist()
-                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-            terms, grad = _terms_and_gradient(objective, x, subject)
+            shift = (torch.randint(-jitter, jitter + 1, (2,), generator=gen).tolist() if jitter else None)
+            terms, grad = stepper.evaluate(lambda x: _terms_and_gradient(objective, x, subject), shift)
             report(subject, "steps", step + 1, steps)
             for key, value in terms.items():
                 curves.setdefault(key, []).append(value.float())
             done = step + 1
-            opt.zero_grad(set_to_none=True)
-            x.backward(grad)
             total = terms["total"]
             bad = ~torch.isfinite(total)
-            if params.param.grad is not None:  # a finite loss can still have a NaN gradient (sqrt at 0, where traps)
-                bad = bad | ~torch.isfinite(params.param.grad).flatten(1).all(1)
+            if grad is not None:  # a finite loss can still have a NaN gradient (sqrt at 0, where traps)
+                bad = bad | ~torch.isfinite(grad).flatten(1).all(1)
             flags = [bad.any()]
             if plateau > 0 and step >= window:
                 before = curves["total"][step - window].to(total.device)
@@ -209,13 +227,108 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
             if len(stop) > 1 and stop[1]:  # settled: the images are those whose loss was just recorded
                 settled_step = step
                 break
-            opt.step()
-            sched.step()
+            moved = stepper.step()
+            if moved is None:  # the line search left no finite point: every image diverged here
+                diverged, diverged_step = torch.ones(n, dtype=torch.bool), step
+                break
+            if not moved:  # a line search that found no step: the optimiser can get no further
+                settled_step = step
+                break
     with torch.no_grad():
         images = params.pixels().detach().float().cpu()
     stacked = {k: torch.stack(v).cpu() for k, v in curves.items()}
     return OptimiseResult(images=images, curves=stacked, diverged=diverged, diverged_step=diverged_step, steps=done,
-                          settled_step=settled_step, budget=steps)
+                          settled_step=settled_step, budget=steps, evaluations=stepper.evaluations)
+
+
+Evaluation = Callable[[torch.Tensor], tuple[dict[str, torch.Tensor], torch.Tensor]]
+
+
+class _AdamSteps:
+    """Adam on the pixel parameter with a cosine schedule; one evaluation per step."""
+
+    def __init__(self, params: _Pixels, lr: float, steps: int, final_lr_ratio: float):
+        self.params, self.evaluations = params, 0
+        self.opt = torch.optim.Adam([params.param], lr=lr)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=steps, eta_min=lr * final_lr_ratio)
+
+    def evaluate(self, evaluation: Evaluation, shift: list[int] | None):
+        """The terms at the current parameter (pixels rolled by `shift`), and the pixel gradient; the
+        parameter's gradient is set for step()."""
+        x = self.params.pixels()
+        if shift:
+            x = torch.roll(x, shifts=tuple(shift), dims=(-2, -1))
+        terms, grad = evaluation(x)
+        self.evaluations += 1
+        self.opt.zero_grad(set_to_none=True)
+        x.backward(grad)
+        return terms, self.params.param.grad
+
+    def step(self) -> bool:
+        self.opt.step()
+        self.sched.step()
+        return True  # Adam always moves
+
+
+class _LbfgsSteps:
+    """torch.optim.LBFGS, one iteration (direction and line search) per step.
+
+    Each step starts by evaluating the current point, which the previous line search evaluated already
+    (its accepted point): the last evaluation is remembered by the parameter's exact value and returned
+    instead of run again. A non-finite trial loss counts as +inf for the line search; one that still ends
+    at a non-finite parameter is undone (the parameter goes back to where the step started, so the images
+    stay finite) and the optimisation stops there, every image diverged. A line search that spends all
+    its evaluations finds no step (the optimum to rounding, or a wall of non-finite values): that step is
+    undone too and the loop stops there as settled, where another step would spend as many again."""
+
+    def __init__(self, params: _Pixels, lr: float, history: int):
+        self.params, self.evaluations = params, 0
+        # max_eval bounds one step() call's evaluations, the line search's included (its default, 1.25 x
+        # max_iter, would leave a one-iteration call no line search at all)
+        self.opt = torch.optim.LBFGS([params.param], lr=lr, max_iter=1, max_eval=1 + LINE_SEARCH_EVALUATIONS,
+                                     history_size=history, line_search_fn="strong_wolfe", tolerance_grad=0.0,
+                                     tolerance_change=0.0)
+        self.last: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self.evaluation: Evaluation | None = None
+
+    def _evaluated(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        param = self.params.param
+        if self.last is not None and torch.equal(self.last[0], param):
+            _, terms, pixel_grad, grad = self.last
+        else:
+            with torch.enable_grad():
+                x = self.params.pixels()
+                terms, pixel_grad = self.evaluation(x)
+                grad, = torch.autograd.grad(x, param, pixel_grad)
+            self.evaluations += 1
+            self.last = (param.detach().clone(), terms, pixel_grad, grad)
+        param.grad = grad.clone()
+        return terms, pixel_grad, grad
+
+    def evaluate(self, evaluation: Evaluation, shift: list[int] | None):
+        self.evaluation = evaluation
+        terms, _, grad = self._evaluated()
+        return terms, grad
+
+    def step(self) -> bool | None:
+        """One L-BFGS iteration: True when it moved; False when its line search spent every evaluation
+        without finding a step that satisfies the Wolfe conditions (the optimum to rounding, or a wall of
+        non-finite values); None when it ended at a non-finite parameter. Unless True, the parameter is put
+        back where the step started, so the images stay those whose loss was recorded last."""
+        start, before = self.params.param.detach().clone(), self.evaluations
+
+        def closure() -> torch.Tensor:
+            terms, _, _ = self._evaluated()
+            total = terms["total"].sum()
+            return total if torch.isfinite(total) else total.new_tensor(math.inf)
+
+        self.opt.step(closure)
+        finite = bool(torch.isfinite(self.params.param).all())
+        if finite and self.evaluations - before < LINE_SEARCH_EVALUATIONS:
+            return True
+        with torch.no_grad():
+            self.params.param.copy_(start)
+        return False if finite else None
 
 
 def _terms_and_gradient(objective: Objective, x: torch.Tensor, subject) -> tuple[dict[str, torch.Tensor], torch.Tensor]:

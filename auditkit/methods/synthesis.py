@@ -110,7 +110,7 @@ class TextureResult:
 def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, steps: int = 100, lr: float = 0.1,
                        lambda_tv: float = TEXTURE_LAMBDA_TV, parametrisation: str = "sigmoid",
                        final_lr_ratio: float = 0.01, seed: int = 0, plateau: float = 0.0,
-                       window: int = 10) -> TextureResult:
+                       window: int = 10, optimiser: str = "adam") -> TextureResult:
     """Match the Gram matrices of `layers` of each source image (N x C x H x W pixels); see the module doc.
     `plateau` > 0 stops early once every synthesis's loss settled over `window` steps (methods.optimise)."""
     layers = list(dict.fromkeys(layers))
@@ -136,8 +136,8 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
         return {"gram": gram, **{f"gram:{k}": v for k, v in errors.items()}, "tv": tv, "total": gram + lambda_tv * tv}
 
     run = optimise(objective, tuple(x0.shape), steps=steps, lr=lr, final_lr_ratio=final_lr_ratio,
-                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, device=subject.device,
-                   subject=subject)
+                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, optimiser=optimiser,
+                   device=subject.device, subject=subject)
     feats = layer_outputs(subject, run.images.to(subject.device), layers)
     distance = {layer: (gram_matrix(feats[layer]) - targets[layer]).flatten(1).norm(dim=1) for layer in layers}
     final_error, normalised_error = {}, {}
@@ -153,4 +153,4 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
                          steps=run.steps, settled_step=run.settled_step, budget=steps, layers=layers,
                          params={"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_tv": lambda_tv,
                                  "parametrisation": parametrisation, "seed": seed, "plateau": plateau,
-                                 "window": window})
+                                 "window": window, "optimiser": optimiser, "evaluations": run.evaluations})
