@@ -542,3 +542,28 @@ def test_non_finite_layer_output_is_an_error_naming_the_layer():
         result = InvarianceGrowsWithDepth().execute(subject, _noise_set())
     assert result.status is Status.ERROR, result.summary()
     assert "NonFiniteError" in result.message and "layer 'odd'" in result.message and "'s" in result.message
+
+
+def test_transient_features_are_one_sweep_of_what_the_kept_functions_give_and_keep_nothing():
+    """A transformed copy serves one measurement: its layer outputs, logits and the head's input come from
+    one forward per chunk (invariance made two before), equal to the kept functions' results, and the
+    Subject keeps none of it."""
+    from auditkit.methods.embedding import penultimate_features
+
+    spec = ModelSpec(module=Net(), class_names=["a", "b"], input_size=(8, 8), layers=["conv", "act"], name="net")
+    images = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    calls = []
+    spec.module.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    with Subject(spec, device="cpu", batch_size=2) as subject:
+        feats, logits, inputs = fe.transient_features(subject, images, ["conv", "act"], input_of="head")
+        assert calls == [2, 2, 1] and len(subject.cache) == 0  # one forward per chunk, nothing kept
+        kept, kept_logits = fe.features_and_logits(subject, images, ["conv", "act"])
+        kept_inputs = penultimate_features(subject, images, "head")
+    assert set(feats) == {"conv", "act"} and feats["conv"].shape == (5, 4 * 8 * 8)
+    for name in feats:
+        assert torch.allclose(feats[name], kept[name])
+    assert torch.allclose(logits, kept_logits) and torch.allclose(inputs, kept_inputs) and inputs.shape == (5, 4)
+    with Subject(spec, device="cpu") as subject:
+        assert fe.transient_features(subject, images, ["conv"])[2] is None
+        with pytest.raises(Exception, match="'nope'"):
+            fe.transient_features(subject, images, ["conv"], input_of="nope")

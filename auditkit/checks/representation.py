@@ -66,8 +66,10 @@ def _measure(subject, images, labels, layers, transform, mags, base, spread, ids
     fn = fe.TRANSFORMS[transform]
     points = [*layers, label] if head else list(layers)
     per, table, prob = {}, {}, {}
-    for m in mags:
-        moved, logits = _representations(subject, fn(images, m), layers, head, label)
+    for m in mags:  # transformed images serve this measurement alone: one sweep, nothing kept
+        moved, logits, inputs = fe.transient_features(subject, fn(images, m), layers, input_of=head)
+        if head:
+            moved[label] = inputs
         _finite(moved, points, ids, f" under {transform} {m:g}{_UNIT[transform]}")
         per[m] = {name: fe.invariance_per_sample(base[name], moved[name], spread[name]) for name in points}
         table[m] = {name: float(per[m][name].mean()) for name in points}

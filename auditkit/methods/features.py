@@ -35,7 +35,8 @@ OnOutput = Callable[[str, int, torch.Tensor], None]
 # -- features -----------------------------------------------------------------
 
 
-def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOutput) -> torch.Tensor:
+def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOutput,
+           input_of: str = "") -> torch.Tensor:
     """Feed `images` through Subject.chunks under no_grad; on each output of a layer call
     on_output(layer, start, output) from inside its forward hook (start = index of the chunk's first image).
     A chunk retried after an out-of-memory calls on_output again for the same rows: it must overwrite
@@ -43,8 +44,9 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
     Returns the model's logits, N x classes float32 on the CPU (they come with the forward for free).
 
     A layer called twice in one forward reports each call (the latest one last). Every layer must
-    give a tensor whose first dimension is the chunk's size. The hooks are Subject.forward_hook's,
-    removed when the sweep ends, even when the forward raises.
+    give a tensor whose first dimension is the chunk's size. With `input_of`, that layer's first
+    positional input, flattened to rows, is reported too, as on_output(_INPUT_KEY, start, input). The
+    hooks are Subject.forward_hook's, removed when the sweep ends, even when the forward raises.
     """
     layers = list(layers)
     seen: set[str] = set()
@@ -63,11 +65,19 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
             on_output(name, state["start"], out.detach())
         return hook
 
+    def input_hook(_module, inputs, _out) -> None:
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise AuditModelError(f"model {subject.name!r}: layer {input_of!r} was called without a positional "
+                                  f"tensor input; pass layer= naming the layer whose output to embed")
+        seen.add(_INPUT_KEY)
+        on_output(_INPUT_KEY, state["start"], inputs[0].detach().flatten(1))
+
     def logits_of(rows: slice) -> torch.Tensor:
         state["start"], state["rows"] = rows.start, rows.stop - rows.start
         seen.clear()
         logits = subject.forward(images[rows]).float().cpu()
-        missing = [name for name in layers if name not in seen]
+        missing = [name for name in layers + ([_INPUT_KEY] if input_of else []) if name not in seen]
+        missing = [input_of if name == _INPUT_KEY else name for name in missing]
         if missing:
             raise AuditModelError(
                 f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
@@ -78,6 +88,8 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
     with contextlib.ExitStack() as stack, torch.no_grad():
         for name in dict.fromkeys(layers):
             stack.enter_context(subject.forward_hook(name, hook_for(name)))
+        if input_of:
+            stack.enter_context(subject.forward_hook(input_of, input_hook))
         logits = list(subject.chunks(images.shape[0], logits_of))
     return torch.cat(logits) if logits else torch.empty(0, subject.spec.num_classes)
 
@@ -112,7 +124,7 @@ def features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], *,
     return {name: v.flatten(1) if flatten and v.ndim > 1 else v for name, v in feats.items()}, logits
 
 
-def _features_and_logits(subject, images: torch.Tensor, layers: Sequence[str]):
+def _features_and_logits(subject, images: torch.Tensor, layers: Sequence[str], input_of: str = ""):
     n = images.shape[0]
     out: dict[str, torch.Tensor] = {}
 
@@ -127,8 +139,30 @@ def _features_and_logits(subject, images: torch.Tensor, layers: Sequence[str]):
             )
         target[start : start + value.shape[0]].copy_(value)
 
-    logits = _sweep(subject, images, layers, store)
-    return {name: out[name] if name in out else torch.empty(0) for name in layers}, logits
+    logits = _sweep(subject, images, layers, store, input_of=input_of)
+    feats = {name: out[name] if name in out else torch.empty(0) for name in layers}
+    if input_of:
+        feats[_INPUT_KEY] = out[_INPUT_KEY]
+    return feats, logits
+
+
+def transient_features(subject, images: torch.Tensor, layers: Sequence[str], *,
+                       input_of: str = "") -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """(the outputs of `layers`, N x D each; the logits; the input of layer `input_of`, N x D, or None
+    when not asked for), float32 on the CPU, from one sweep and not kept by the Subject: for images made
+    for one measurement (a transformed copy of the audit images) that no other check asks for, which would
+    only push the audit set's own results out of the Subject's memory budget.
+
+    The input of `input_of` is its first positional argument (embedding.penultimate_features', flattened),
+    captured by a forward hook beside the sweep's; a layer called without a tensor input is an
+    AuditModelError naming it."""
+    layers = list(dict.fromkeys(layers))
+    feats, logits = _features_and_logits(subject, images, layers, input_of=input_of)
+    inputs = feats.pop(_INPUT_KEY, None) if input_of else None
+    return {name: v.flatten(1) if v.ndim > 1 else v for name, v in feats.items()}, logits, inputs
+
+
+_INPUT_KEY = "\0input"  # where _features_and_logits stores the captured layer input (no layer has this name)
 
 
 def rows_all_equal(x: torch.Tensor) -> bool:
