@@ -43,7 +43,7 @@ class DeletionInsertion(Check):
 
     method: Method = "auto"
     layer: str = ""
-    steps: int = 16
+    steps: int = 8  # the demo's margin: 0.552 at 16 steps, 0.542 at 8 (p = 2.3e-10 at both), half the rows
     min_margin: float = 0.1
     min_win_rate: float = 0.6  # of each curve's own sign test, shown beside the verdict
     alpha: float = ALPHA
