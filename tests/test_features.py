@@ -14,7 +14,7 @@ from auditkit.checks.representation import (
 )
 from auditkit.demo import demo_model, shapes_dataset
 from auditkit.methods import features as fe
-from auditkit.subject import Subject, _hook_keys
+from auditkit.subject import AuditModelError, Subject, _hook_keys
 from tests.toys import NaNFeatures
 
 
@@ -567,3 +567,13 @@ def test_transient_features_are_one_sweep_of_what_the_kept_functions_give_and_ke
         assert fe.transient_features(subject, images, ["conv"])[2] is None
         with pytest.raises(Exception, match="'nope'"):
             fe.transient_features(subject, images, ["conv"], input_of="nope")
+
+    class Twice(Net):  # the head runs twice per forward: its input is not one row per image
+        def forward(self, x):
+            pooled = self.act(self.conv(x)).mean(dim=(2, 3))
+            return self.head(pooled) + self.head(pooled)
+
+    twice = ModelSpec(module=Twice(), class_names=["a", "b"], input_size=(8, 8), layers=["conv"], name="twice")
+    with Subject(twice, device="cpu") as subject:
+        with pytest.raises(AuditModelError, match="layer 'head' input: a second call in one forward"):
+            fe.transient_features(subject, images, ["conv"], input_of="head")

@@ -168,10 +168,11 @@ def wavy_spec() -> ModelSpec:
 
 # The wavy toy's random copy folds pixel values onto many preimages: Adam from noise lands in a poor one,
 # which is what these tests of the decision rule need; L-BFGS's line search finds one as good as the
-# trained model's (its random copy then inverts closer), so the rule is tested with optimiser "adam".
+# trained model's (its random copy then inverts closer), so the rule is tested with optimiser "adam"
+# (at its own default learning rate, InversionConverges.ADAM_LR).
 def test_a_layer_measurably_closer_than_through_random_weights_passes():
     with Subject(wavy_spec(), device="cpu") as subject:
-        result = InversionConverges(steps=150, samples=8, optimiser="adam", lr=0.25).execute(subject, probe_set(8))
+        result = InversionConverges(steps=150, samples=8, optimiser="adam").execute(subject, probe_set(8))
     assert result.status is Status.PASSED, result.summary()
     row = result.rows[0]
     assert row["verdict"] == PASSED_LAYER and row["passed"] is True and row["normalised_error"] < 0.1
@@ -185,7 +186,7 @@ def test_fewer_samples_than_the_test_needs_is_inconclusive_and_says_how_many():
     from auditkit.checks.synthesis import TextureSynthesisConverges
 
     with Subject(wavy_spec(), device="cpu") as subject:
-        result = InversionConverges(steps=150, samples=6, optimiser="adam", lr=0.25).execute(subject, probe_set(8))
+        result = InversionConverges(steps=150, samples=6, optimiser="adam").execute(subject, probe_set(8))
         texture = TextureSynthesisConverges(steps=50, samples=6).execute(subject, probe_set(8))
     for res in (result, texture):
         assert res.status is Status.INCONCLUSIVE, res.summary()

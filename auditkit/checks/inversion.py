@@ -144,7 +144,7 @@ class ConvergenceCheck(Check):
     steps: int = 100
     samples: int = 8
     optimiser: Literal["lbfgs", "adam"] = "lbfgs"
-    lr: float = 1.0  # L-BFGS: the initial step length of each line search; Adam: the learning rate
+    lr: float | None = None  # L-BFGS: each line search's first step; Adam: the learning rate; None: step_size()
     final_lr_ratio: float = 0.001  # Adam only: the cosine schedule's end, lr * final_lr_ratio
     parametrisation: Literal["fourier", "sigmoid"] = "fourier"
     max_error: float = 0.5
@@ -157,8 +157,9 @@ class ConvergenceCheck(Check):
     seed: int = 0
 
     def validate(self) -> None:
-        require_at_least(self, steps=10, samples=0, lr=1e-12, max_error=0, final_lr_ratio=1e-12, window=1,
-                         min_ratio=1.0)
+        require_at_least(self, steps=10, samples=0, max_error=0, final_lr_ratio=1e-12, window=1, min_ratio=1.0)
+        if self.lr is not None:
+            require_at_least(self, lr=1e-12)
         require_unit(self, "min_drop", "plateau", "final_lr_ratio")
         require_alpha(self)
         if self.parametrisation not in ("fourier", "sigmoid"):
@@ -167,6 +168,15 @@ class ConvergenceCheck(Check):
         if self.optimiser not in OPTIMISERS:
             raise CheckConfigError(f"check {self.name!r}: optimiser must be one of {', '.join(OPTIMISERS)}, "
                                    f"got {self.optimiser!r}")
+
+    #: Adam's default learning rate for this check (L-BFGS's first step is 1, the textbook value)
+    ADAM_LR = 0.1
+
+    def step_size(self) -> float:
+        """lr, or the optimiser's default when lr is None: 1 for L-BFGS, ADAM_LR for Adam."""
+        if self.lr is not None:
+            return self.lr
+        return 1.0 if self.optimiser == "lbfgs" else self.ADAM_LR
 
     def too_few_samples(self, indices: Sequence[int], audit_set) -> CheckResult | None:
         """INCONCLUSIVE before anything is optimised when fewer than 2 images are chosen: the normalised error
@@ -327,10 +337,11 @@ class InversionConverges(ConvergenceCheck):
     # 0.10-0.15 on its random copy; on a random-weight ResNet-18 at 224 px, 60 steps gave 0.16-0.18
     # against Adam's 0.12-0.37
     steps: int = 50
+    ADAM_LR = 0.25  # Adam (optimiser = "adam") needed about 80 steps at this rate for L-BFGS's errors in 50
 
     def _invert(self, subject, images: torch.Tensor, layers: Sequence[str],
                 sample_ids: Sequence[object]) -> dict[str, inv.InversionResult]:
-        return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.lr, optimiser=self.optimiser,
+        return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.step_size(), optimiser=self.optimiser,
                                  final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
                                  seed=self.seed, plateau=self.plateau, window=self.window, sample_ids=sample_ids)
 
@@ -369,7 +380,7 @@ class InversionConverges(ConvergenceCheck):
             "settled_step": first.settled_step,
             "steps_used_random": randoms[layers[0]].steps if randoms else None,
             "settled_step_random": randoms[layers[0]].settled_step if randoms else None,
-            "optimiser": self.optimiser, "evaluations": first.params.get("evaluations"), "lr": self.lr,
+            "optimiser": self.optimiser, "evaluations": first.params.get("evaluations"), "lr": self.step_size(),
             "final_lr_ratio": self.final_lr_ratio, "plateau": self.plateau, "window": self.window,
             "parametrisation": self.parametrisation, "lambda_alpha": inv.LAMBDA_ALPHA, "lambda_tv": inv.LAMBDA_TV,
             "pixel_rmse_grows_with_depth": all(a <= b for a, b in zip(rmse, rmse[1:])), "notes": notes})

@@ -69,6 +69,11 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             raise AuditModelError(f"model {subject.name!r}: layer {input_of!r} was called without a positional "
                                   f"tensor input; pass layer= naming the layer whose output to embed")
+        if _INPUT_KEY in seen or inputs[0].ndim == 0 or inputs[0].shape[0] != state["rows"]:
+            got = "a second call in one forward" if _INPUT_KEY in seen else f"shape {tuple(inputs[0].shape)}"
+            raise AuditModelError(f"model {subject.name!r}: layer {input_of!r} input: {got}; expected one call per "
+                                  f"forward with the batch ({state['rows']} images) as its first dimension; pass "
+                                  f"layer= naming the layer whose output to embed")
         seen.add(_INPUT_KEY)
         on_output(_INPUT_KEY, state["start"], inputs[0].detach().flatten(1))
 

@@ -19,7 +19,8 @@ recorded as curves too. The loop owns everything else:
   "lbfgs": L-BFGS (torch.optim.LBFGS, `history` correction pairs, strong-Wolfe line search, `lr` the
   initial step length, 1 the textbook value), the optimiser Gatys et al. used for texture synthesis.
   The line search makes a step cost one or more evaluations (about 1.05 on average, measured on the
-  demo and ResNet-18); a point the line search already evaluated is not evaluated again. It needs a
+  demo and ResNet-18); the point a line search accepted is not evaluated again at the next step. All
+  images are one problem (one line search for the batch), so results depend on the batch. It needs a
   deterministic objective, so jitter must be 0. On a smooth objective it reaches in 60 steps a lower
   loss than Adam in 200 (texture synthesis on the demo model and its random copy).
   Whether the result is any good is judged on the objective's own error, not on the plateau;
@@ -72,7 +73,7 @@ class OptimiseResult:
     curves: dict[str, torch.Tensor]  # term -> steps_done x N, float32, CPU
     diverged: torch.Tensor  # N bool: "total" became NaN / inf
     diverged_step: int | None  # the step at which the loop stopped, None if it ran to the end
-    steps: int  # steps run (objective evaluations)
+    steps: int  # steps run (one row of each curve per step)
     settled_step: int | None = None  # the step at which every image's loss had settled (plateau), None if none
     budget: int = 0  # the steps allowed
     evaluations: int = 0  # objective evaluations (forward + backward of the batch): steps, plus line searches'
@@ -277,9 +278,11 @@ class _LbfgsSteps:
     (its accepted point): the last evaluation is remembered by the parameter's exact value and returned
     instead of run again. A non-finite trial loss counts as +inf for the line search; one that still ends
     at a non-finite parameter is undone (the parameter goes back to where the step started, so the images
-    stay finite) and the optimisation stops there, every image diverged. A line search that spends all
-    its evaluations finds no step (the optimum to rounding, or a wall of non-finite values): that step is
-    undone too and the loop stops there as settled, where another step would spend as many again."""
+    stay finite) and the optimisation stops there, every image diverged. A step that does not lower the
+    summed loss (its line search found no step: the optimum to rounding, or a wall of non-finite values)
+    is undone too and the loop stops there as settled, where another step would search the same line.
+    The batch is one problem with one line search: an image's result depends on the others in the batch
+    (per-image losses can rise while their sum falls), which Adam's per-coordinate steps do not do."""
 
     def __init__(self, params: _Pixels, lr: float, history: int):
         self.params, self.evaluations = params, 0
@@ -311,11 +314,12 @@ class _LbfgsSteps:
         return terms, grad
 
     def step(self) -> bool | None:
-        """One L-BFGS iteration: True when it moved; False when its line search spent every evaluation
-        without finding a step that satisfies the Wolfe conditions (the optimum to rounding, or a wall of
-        non-finite values); None when it ended at a non-finite parameter. Unless True, the parameter is put
-        back where the step started, so the images stay those whose loss was recorded last."""
-        start, before = self.params.param.detach().clone(), self.evaluations
+        """One L-BFGS iteration: True when it moved to a point of lower summed loss; False when it did not
+        (a line search that found no step: the optimum to rounding, or a wall of non-finite values); None
+        when it ended at a non-finite parameter. Unless True, the parameter is put back where the step
+        started, so the images stay those whose loss was recorded last."""
+        start = self.params.param.detach().clone()
+        start_total = float(self.last[1]["total"].sum())  # the step starts from the point evaluate() saw
 
         def closure() -> torch.Tensor:
             terms, _, _ = self._evaluated()
@@ -324,8 +328,10 @@ class _LbfgsSteps:
 
         self.opt.step(closure)
         finite = bool(torch.isfinite(self.params.param).all())
-        if finite and self.evaluations - before < LINE_SEARCH_EVALUATIONS:
-            return True
+        if finite and not torch.equal(self.params.param, start):
+            terms, _, _ = self._evaluated()  # the accepted point: the line search's last evaluation, as a rule
+            if float(terms["total"].sum()) < start_total:
+                return True
         with torch.no_grad():
             self.params.param.copy_(start)
         return False if finite else None
