@@ -321,16 +321,17 @@ def test_demo_inverts_but_no_better_than_through_random_weights(demo_results):
     assert all(r["verdict"] == CANNOT_TELL for r in result.rows) and result.decision["n"] == 8
     # every layer converged: the normalised errors are far below max_error 0.5 and the losses fell by > 90 %;
     # L-BFGS has no schedule to settle them, so they still fall at the budget's end, and the check says so
-    assert max(r["normalised_error"] for r in result.rows) <= 0.35  # 0.26 measured (L-BFGS, 50 steps)
+    assert max(r["normalised_error"] for r in result.rows) <= 0.3  # 0.21 measured (L-BFGS, 50 steps a layer)
     assert all(r["drop"] > 0.9 for r in result.rows)
     assert "loss still falling at the end (stage1, stage3, stage4)" in result.message
-    assert result.details["optimiser"] == "lbfgs" and 50 <= result.details["evaluations"] <= 60  # 54 measured
+    # one L-BFGS run per layer, about one evaluation a step each (164 for the 3 layers measured)
+    assert result.details["optimiser"] == "lbfgs" and 3 * 50 <= result.details["evaluations"] <= 3 * 60
     assert result.rows[-1]["random_over_trained"] < 0.75  # random weights' errors well below (0.5 measured)
     rmse = [r["pixel_rmse"] for r in result.rows]
     assert rmse == sorted(rmse) and result.details["pixel_rmse_grows_with_depth"]  # shallow is more faithful
     assert all(r["random_normalised_error"] == r["random_normalised_error"] for r in result.rows)  # random ran
     assert all(0 < r["relative_error"] < 0.5 for r in result.rows)  # the former error, shown beside
-    assert result.details["steps_used"] <= InversionConverges.steps and len(result.evidence) == 3
+    assert max(result.details["steps_used"].values()) <= InversionConverges.steps and len(result.evidence) == 3
 
 
 def test_demo_class_visualisation_is_evidence_and_reaches_every_class(demo_results):

@@ -289,6 +289,14 @@ class ConvergenceCheck(Check):
                 f">= {self.min_ratio:g} with a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 giving "
                 f"p <= {self.alpha:g}; layers that cannot be told from random weights are evidence only")
 
+    def layers_steps_note(self, label: str, results: dict) -> str:
+        """steps_note for the layers' results: one clause when every layer ended alike, else one per layer
+        (with L-BFGS each layer is an optimisation of its own)."""
+        ends = {layer: (res.steps, res.settled_step) for layer, res in results.items()}
+        if len(set(ends.values())) == 1:
+            return self.steps_note(label, *next(iter(ends.values())))
+        return "; ".join(self.steps_note(f"{label}, {layer}", *end) for layer, end in ends.items())
+
     def steps_note(self, label: str, steps: int, settled: int | None) -> str:
         """How the optimisation ended, e.g. "trained: settled after 62 of 100 steps"."""
         if settled is not None:
@@ -299,7 +307,8 @@ class ConvergenceCheck(Check):
 @dataclass
 class InversionConverges(ConvergenceCheck):
     """Per layer, invert the features of `samples` images (classes in turn) from noise (Mahendran & Vedaldi
-    2015): L-BFGS (or Adam) with alpha-norm and TV regularisers, all layers and images in one batch, for at most `steps`
+    2015): L-BFGS (one optimisation per layer) or Adam (all layers in one batch) with alpha-norm and TV
+    regularisers, for at most `steps`
     steps, stopping early once every image's loss changed by <= plateau (relative) over `window` steps. The
     same inversion runs through a random-weights copy of the model (same images, same seed). Per sample i:
 
@@ -367,19 +376,19 @@ class InversionConverges(ConvergenceCheck):
             rows.append(row)
 
         first = results[layers[0]]
-        notes = [self.steps_note("trained", first.steps, first.settled_step)]
+        notes = [self.layers_steps_note("trained", results)]
         if randoms:
-            rfirst = randoms[layers[0]]
-            notes.append(self.steps_note("random weights", rfirst.steps, rfirst.settled_step))
+            notes.append(self.layers_steps_note("random weights", randoms))
         unsettled = [r["layer"] for r in rows if r.pop("_still_falling")]
         if unsettled:
             notes.append(f"loss still falling at the end ({', '.join(unsettled)}): more steps would lower the error")
         rmse = [r["pixel_rmse"] for r in rows]
         result = self.layers_result(rows, decisions, "layers converge", {
-            "samples": indices, "steps": self.steps, "steps_used": first.steps,
-            "settled_step": first.settled_step,
-            "steps_used_random": randoms[layers[0]].steps if randoms else None,
-            "settled_step_random": randoms[layers[0]].settled_step if randoms else None,
+            "samples": indices, "steps": self.steps,
+            "steps_used": {layer: res.steps for layer, res in results.items()},
+            "settled_step": {layer: res.settled_step for layer, res in results.items()},
+            "steps_used_random": {layer: res.steps for layer, res in randoms.items()} if randoms else None,
+            "settled_step_random": {layer: res.settled_step for layer, res in randoms.items()} if randoms else None,
             "optimiser": self.optimiser, "evaluations": first.params.get("evaluations"), "lr": self.step_size(),
             "final_lr_ratio": self.final_lr_ratio, "plateau": self.plateau, "window": self.window,
             "parametrisation": self.parametrisation, "lambda_alpha": inv.LAMBDA_ALPHA, "lambda_tv": inv.LAMBDA_TV,

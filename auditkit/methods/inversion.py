@@ -18,9 +18,10 @@ Two errors of the result, per image i of the N inverted together:
 The optimisation is methods.optimise.optimise (x = sigmoid(z) from noise, Adam, cosine schedule from lr
 to lr * final_lr_ratio, `steps` as a budget with an early stop once the loss settled (`plateau`, `window`),
 optional jitter, NaN detection); this module supplies only the objective.
-`invert_layers` inverts several layers at once: it stacks (layers x images) copies into one batch,
-layer-major, and each step's forward (in the Subject's chunks) runs group g's rows only up to layer g,
-where its feature term is taken, so a shallow layer's inversion never pays for the deeper layers. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
+`invert_layers` inverts several layers at once: with Adam it stacks (layers x images) copies into one
+batch, layer-major; with L-BFGS, whose one line search would couple every row's loss, it runs one
+optimisation per layer. Either way each forward (in the Subject's chunks) runs layer g's rows only up to
+layer g, where its feature term is taken, so a shallow layer's inversion never pays for the deeper layers. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
 
 Pixel validity: x = sigmoid(z) stays in (0, 1), so the alpha-norm only pulls pixels towards grey; it is
 kept for fidelity to the paper and weighted lightly.
@@ -155,42 +156,52 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
         a, tv = alpha_norm(x, alpha), total_variation(x, beta)
         return {"feature": feature, "alpha": a, "tv": tv, "total": feature + lambda_alpha * a + lambda_tv * tv}
 
-    shape = (groups * n, *x0.shape[1:])
-    run = optimise(objective, shape, steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter,
-                   parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, optimiser=optimiser,
-                   device=device, subject=subject)
-    curves, recon, diverged = run.curves, run.images, run.diverged.clone()
-    diverged_step, done = run.diverged_step, run.steps
+    settings = dict(steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter, parametrisation=parametrisation,
+                    seed=seed, plateau=plateau, window=window, optimiser=optimiser, device=device, subject=subject)
+    if optimiser == "lbfgs":  # one problem per layer: L-BFGS's one line search would couple the layers' losses
+        runs = [optimise(lambda x, rows, g=g: objective(x, slice(rows.start + g * n, rows.stop + g * n)),
+                         (n, *x0.shape[1:]), **settings) for g in range(groups)]
+    else:  # Adam's steps are per coordinate: one run for every layer's rows
+        runs = [optimise(objective, (groups * n, *x0.shape[1:]), **settings)] * groups
+    joint = runs[0] if groups > 1 and runs[0] is runs[1] else None
 
-    final = {layer: layer_outputs(subject, recon[g * n:(g + 1) * n].to(device), [layer])[layer]
-             for g, layer in enumerate(layers)}
+    def rows_of(g: int) -> slice:
+        return slice(g * n, (g + 1) * n) if joint is not None else slice(0, n)
+
+    recon = [runs[g].images[rows_of(g)] for g in range(groups)]
+    diverged = [runs[g].diverged[rows_of(g)].clone() for g in range(groups)]
+    diverged_step = [runs[g].diverged_step for g in range(groups)]
+    final = {layer: layer_outputs(subject, recon[g].to(device), [layer])[layer] for g, layer in enumerate(layers)}
     params = {"steps": steps, "lr": lr, "final_lr_ratio": final_lr_ratio, "lambda_alpha": lambda_alpha,
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
               "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window,
-              "optimiser": optimiser, "evaluations": run.evaluations}
+              "optimiser": optimiser,
+              "evaluations": joint.evaluations if joint is not None else sum(run.evaluations for run in runs)}
     distances = [(final[layer].flatten(1).float() - targets[g]).norm(dim=1)
                  for g, layer in enumerate(layers)]
     errors = [d / norm2[g].sqrt() for g, d in enumerate(distances)]
-    # the last Adam step moved the images after their loss was checked: features that are not finite
+    # the last step moved the images after their loss was checked: features that are not finite
     # there diverged at the step after the last one
-    late = ~torch.isfinite(torch.cat(errors)).cpu() & ~diverged & ~constant.flatten().cpu()
-    if bool(late.any()):
-        diverged, diverged_step = diverged | late, done if diverged_step is None else diverged_step
+    for g in range(groups):
+        late = ~torch.isfinite(errors[g]).cpu() & ~diverged[g] & ~constant[g].cpu()
+        if bool(late.any()):
+            diverged[g] = diverged[g] | late
+            diverged_step[g] = runs[g].steps if diverged_step[g] is None else diverged_step[g]
     results = {}
     for g, layer in enumerate(layers):
-        rows = slice(g * n, (g + 1) * n)
+        run, rows = runs[g], rows_of(g)
         err = errors[g]
-        bad = constant[g] | diverged[rows].to(err.device)
+        bad = constant[g] | diverged[g].to(err.device)
         err = torch.where(bad, torch.full_like(err, math.nan), err)
         spread = spread_to_others(targets[g])
         norm_err = normalised(distances[g], spread)
         norm_err = torch.where(bad.to(norm_err.device), torch.full_like(norm_err, math.nan), norm_err)
         results[layer] = InversionResult(
-            reconstructions=recon[rows].clone(), curves={k: v[:, rows].clone() for k, v in curves.items()},
+            reconstructions=recon[g].clone(), curves={k: v[:, rows].clone() for k, v in run.curves.items()},
             final_error=err.float().cpu(), normalised_error=norm_err.cpu(), spread=spread.cpu(),
-            zero_norm=zero_norm[g].cpu(), constant=constant[g].cpu(), diverged=diverged[rows].clone(),
-            diverged_step=diverged_step, steps=done, settled_step=run.settled_step, budget=steps, layer=layer,
-            params=dict(params))
+            zero_norm=zero_norm[g].cpu(), constant=constant[g].cpu(), diverged=diverged[g],
+            diverged_step=diverged_step[g], steps=run.steps, settled_step=run.settled_step, budget=steps,
+            layer=layer, params=dict(params))
     return results
 
 
