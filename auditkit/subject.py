@@ -45,10 +45,13 @@ _HOOK_DICTS = (
 
 
 T = TypeVar("T")
-#: A forward + backward holds every activation for the backward: measured 5.7x (resnet18) and 7.8x
-#: (resnet50) the memory of a no-grad forward of the same chunk at 64 px, so its chunk is a quarter of
-#: batch_size (benchmarks/suite.py).
+#: A forward + backward holds every activation for the backward, several times what a no-grad forward of
+#: the same rows holds at once; Subject.backward_cost measures how many times for the model at hand, and
+#: falls back on this where its probe cannot run (5.7x for resnet18 and 7.8x for resnet50 at 64 px,
+#: measured in RSS, made a quarter of the batch before the probe).
 BACKWARD_COST = 4
+#: The largest backward cost Subject.backward_cost gives (a chunk of one row at batch_size 256).
+MAX_BACKWARD_COST = 256
 #: An objective of the chunked forward + backward: (pixels of some rows, those rows) -> one value per row,
 #: or a dict of such tensors with a "total".
 Objective = Callable[[torch.Tensor, slice], Union[torch.Tensor, dict]]
@@ -299,6 +302,7 @@ class Subject:
         self.progress = None  # a progress sink (auditkit.progress); Check.execute then tracks each check
         self.tracker = None  # the running check's progress.Tracker, which chunks() and the optimiser update
         self._state: _ModuleState | None = None
+        self._backward_cost: int | None = None  # measured once per open (backward_cost)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
         names = dict(spec.module.named_modules())
@@ -418,6 +422,7 @@ class Subject:
         """Give the module back exactly as open() found it (device, modes, flags, grads, values, hooks)."""
         state, self._state = self._state, None
         self.cache.clear()
+        self._backward_cost = None
         if state is None:
             return
         module = self.module
@@ -593,14 +598,35 @@ class Subject:
                   cost: int = 1) -> Iterator[tuple[slice, torch.Tensor, object]]:
         """The Subject's one chunked forward + backward.
 
-        A chunk holds batch_size // (cost * BACKWARD_COST) rows: the backward keeps every activation.
+        A chunk holds batch_size // (cost * backward_cost()) rows, so that it holds about the memory of a
+        plain forward of batch_size rows: the backward keeps every activation.
         For each chunk of rows: x = build(rows) (pixels) as a leaf that requires grad, on the device;
         v = objective(x, rows) with autograd on: one value per model row, or a dict of such tensors whose
         "total" is the one differentiated. Yields (rows, d sum(v) / d x on the device, v detached). In
         eval mode the model's rows are independent, so row i's gradient is d v_i / d x_i alone.
         """
         return self.chunks(total, lambda rows: (rows, *value_and_gradient(objective, build(rows), rows, self.device)),
-                           cost=cost * BACKWARD_COST)
+                           cost=cost * self.backward_cost())
+
+    def backward_cost(self) -> int:
+        """How many rows of a plain (no-grad) forward one row of a forward + backward weighs in memory:
+        ceil((S + P) / P), with S the bytes autograd saves for the backward of one image (the model's
+        parameters and buffers left out: they are not per row) and P the largest input + output of one leaf
+        module for one image (what a no-grad forward holds at once; the backward's transient gradients
+        are about as large), between 1 and MAX_BACKWARD_COST. Measured once per open Subject, on one grey
+        image (two forwards of one row; hooks removed after); BACKWARD_COST, with a warning naming the
+        model and the reason, where that probe cannot run (a leaf module that refuses hooks, a model that
+        fails on one image). At 224 px: resnet18 S = 21.2 MB, P = 6.1 MB, cost 5 (a chunk of 12 at
+        batch_size 64); resnet50 S = 81.9 MB, cost 15 (a chunk of 4)."""
+        if self._backward_cost is None:
+            self._require_open()
+            try:
+                self._backward_cost = _measure_backward_cost(self)
+            except (RuntimeError, ValueError, TypeError, AuditModelError) as exc:
+                log.warning("auditkit: model %r: the forward + backward memory probe failed (%s); backward "
+                            "chunks are batch_size // %d", self.name, exc, BACKWARD_COST)
+                self._backward_cost = BACKWARD_COST
+        return self._backward_cost
 
     def target_logits(self, targets: torch.Tensor) -> Objective:
         """The objective (x, rows) -> f_t(x): the logit of targets[rows] for each image, through this Subject."""
@@ -683,3 +709,38 @@ class Subject:
         """Name, version, device and layers, for the report header."""
         return {"name": self.spec.name, "version": self.spec.version, "device": str(self.device),
                 "layers": list(self.layers), "classes": list(self.spec.class_names)}
+
+
+def _measure_backward_cost(subject: "Subject") -> int:
+    """Subject.backward_cost's probe: S and P for one grey image, ceil((S + P) / P) clamped."""
+    import math
+
+    module = subject.module
+    image = torch.full((1, len(subject.spec.mean), *subject.spec.input_size), 0.5, device=subject.device)
+    shared = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}
+    largest = [0]
+
+    def nbytes(t: object) -> int:
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    def leaf_hook(_m: nn.Module, inputs: tuple, out: object) -> None:
+        largest[0] = max(largest[0], sum(nbytes(t) for t in inputs) + nbytes(out))
+
+    leaves = [name for name, m in module.named_modules() if name and next(m.children(), None) is None]
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for name in leaves:
+            stack.enter_context(subject.forward_hook(name, leaf_hook))
+        subject.forward(image)
+    if largest[0] == 0:
+        raise ValueError("no leaf module reported a tensor input or output")
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in shared:  # one storage saved twice (a view, or by two ops) counts once
+            saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), nbytes(t))
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        subject.forward(image.clone().requires_grad_(True))
+    cost = math.ceil((sum(saved.values()) + largest[0]) / largest[0])
+    return max(1, min(MAX_BACKWARD_COST, cost))

@@ -343,6 +343,8 @@ def test_each_layers_rows_run_forward_only_to_that_layer():
     spec = ModelSpec(module=module, class_names=["x", "y"], input_size=(8, 8), layers=["a", "b"], name="two")
     images = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with Subject(spec, device="cpu", batch_size=64) as subject:
+        subject.backward_cost()  # its probe's two forwards of one image are not the inversion's
+        reached.clear()
         both = invert_layers(subject, images, ["a", "b"], steps=5)
     # per step 3 rows reach b (its own), plus the 3 target and 3 final images: never the 6 of both layers
     assert max(reached) == 3 and sum(reached) == 3 * (5 + 2)

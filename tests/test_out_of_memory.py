@@ -185,14 +185,50 @@ def test_randomised_and_derived_copies_leave_the_users_model_alone():
     assert module.training and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
 
-def test_a_backward_chunk_is_a_quarter_of_the_batch():
-    """Forward + backward keeps every activation (5.7x to 7.8x a no-grad forward's memory, measured): its
-    chunks hold batch_size // (cost * BACKWARD_COST) rows."""
+def _tanh_chain(layers: int) -> ModelSpec:
+    """Tanh x `layers` then Flatten on 3 x 8 x 8 images: each Tanh saves its output (one image, B = 768
+    bytes) for the backward, the normalisation saves the 3 stds (12 bytes), and the largest leaf input +
+    output is 2 B: backward_cost = ceil((layers * B + 12 + 2 B) / 2 B)."""
+    module = nn.Sequential(*[nn.Tanh() for _ in range(layers)], nn.Flatten())
+    return ModelSpec(module=module, class_names=[f"c{k}" for k in range(192)], input_size=(8, 8), name="tanh")
+
+
+def test_a_backward_chunk_weighs_a_plain_forward_of_the_batch():
+    """A forward + backward keeps what autograd saves; the Subject measures it once per open on one image,
+    against the largest input + output of a leaf module, and makes its backward chunks that many times
+    smaller than batch_size. Before: a quarter of the batch for every model."""
+    import logging
+
     from auditkit.subject import BACKWARD_COST
 
-    with Subject(_spec(Net()), device="cpu", batch_size=16) as subject:
-        objective = subject.target_logits(TARGETS)
-        rows = [r for r, _, _ in subject.gradients(10, lambda r: IMAGES[r], objective)]
-        assert BACKWARD_COST == 4 and [r.stop - r.start for r in rows] == [4, 4, 2]
-        forward = list(subject.chunks(10, lambda r: r.stop - r.start))
-        assert forward == [10]
+    for layers, cost in ((3, 3), (5, 4)):
+        spec = _tanh_chain(layers)
+        seen = []
+        spec.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+        with Subject(spec, device="cpu", batch_size=12) as subject:
+            assert subject.backward_cost() == cost and subject.backward_cost() == cost
+            assert seen == [1, 1]  # measured once, on one image, without and with autograd
+            assert not any(m._forward_hooks for m in spec.module.modules())  # the probe's hooks are gone
+            images = torch.rand(10, 3, 8, 8)
+            rows = [r for r, _, _ in subject.gradients(10, lambda r: images[r], lambda x, r: x.sum((1, 2, 3)))]
+            assert [r.stop - r.start for r in rows] == ([4, 4, 2] if cost == 3 else [3, 3, 3, 1])
+            assert list(subject.chunks(10, lambda r: r.stop - r.start)) == [10]
+        assert subject._backward_cost is None  # measured again after the next open
+
+    class Functional(nn.Module):  # no leaf module: nothing to measure P on
+        def forward(self, x):
+            return x.flatten(1)
+
+    spec = ModelSpec(module=Functional(), class_names=[f"c{k}" for k in range(192)], input_size=(8, 8),
+                     layers=[], name="functional")
+    with Subject(spec, device="cpu", batch_size=16) as subject:
+        logger = logging.getLogger("auditkit")
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        logger.addHandler(handler)
+        try:
+            assert subject.backward_cost() == BACKWARD_COST
+        finally:
+            logger.removeHandler(handler)
+    assert any("'functional'" in r.getMessage() and "memory probe failed" in r.getMessage() for r in records)
