@@ -370,3 +370,17 @@ def test_lbfgs_inverts_each_layer_as_a_problem_of_its_own():
         assert torch.equal(both[layer].reconstructions, alone[layer].reconstructions)
         assert torch.equal(both[layer].curves["total"], alone[layer].curves["total"])
         assert both[layer].steps == alone[layer].steps and both[layer].params["evaluations"] > 15
+
+
+def test_a_layer_is_judged_at_alpha_over_the_layers_compared():
+    """One passing layer passes the check, so each of L layers is judged at alpha / L (Bonferroni). Errors
+    1.5x lower than random weights' on every sample: 8 samples give p = 2^-8 = 0.0039, a pass alone but
+    not among 3 layers (0.0033; INCONCLUSIVE, it needs 9); 9 samples give 2^-9 = 0.0020, a pass among 3."""
+    check = InversionConverges()
+    assert check.layer_alpha(3) == pytest.approx(0.01 / 3) and check.layer_alpha(1) == 0.01
+    for n, tests, verdict in ((8, 1, PASSED_LAYER), (8, 3, UNDECIDED), (9, 3, PASSED_LAYER)):
+        random = torch.linspace(0.2, 0.4, n)
+        row = check.compare("l", random / 1.5, random, ["g"] * n, [], tests=tests)
+        assert row["verdict"] == verdict, (n, tests, row["reason"])
+        assert row["p_value"] == pytest.approx(0.5 ** n)
+    assert InversionConverges.samples == 10  # 9 reach alpha / 3, one to spare

@@ -126,11 +126,12 @@ class ConvergenceCheck(Check):
       output is constant (any image matches it);
     - PASSED: converged, and decide(e, r, effect="ratio", better="lower") passes: the geometric mean of
       r_i / e_i >= min_ratio and a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 gives
-      p <= alpha (checks.decision);
+      p <= alpha / L, L the layers compared (Bonferroni: one passing layer passes the check; checks.decision);
     - "cannot tell trained from random weights": converged, but not measurably closer than through random
       weights. Random networks invert and match textures well too (He et al. 2016), so such a layer measures
       the optimiser, not the model: it is shown as evidence and neither passes nor fails the check;
-    - INCONCLUSIVE: fewer judged samples than the test needs (decision.needed_samples(alpha), 7 at 0.01).
+    - INCONCLUSIVE: fewer judged samples than the test needs (decision.needed_samples(alpha / L), 9 for 3
+      layers at 0.01).
 
     The check is FAILED when a layer failed, else INCONCLUSIVE when a layer could not be decided, else
     PASSED when a layer passed, else INFO: no layer can be told from random weights, or random_baseline is
@@ -142,7 +143,7 @@ class ConvergenceCheck(Check):
     layers: tuple[str, ...] = ()
     max_layers: int = 3  # without `layers`: this many named layers, first to last (each costs an optimisation)
     steps: int = 100
-    samples: int = 8
+    samples: int = 10  # 9 reach alpha / 3 layers = 0.0033 (layer_alpha); one to spare
     optimiser: Literal["lbfgs", "adam"] = "lbfgs"
     lr: float | None = None  # L-BFGS: each line search's first step; Adam: the learning rate; None: step_size()
     final_lr_ratio: float = 0.001  # Adam only: the cosine schedule's end, lr * final_lr_ratio
@@ -202,16 +203,22 @@ class ConvergenceCheck(Check):
         return convergence_reasons(total, error, max_error=self.max_error, min_drop=self.min_drop,
                                    plateau=self.plateau, window=self.window, what=what)
 
+    def layer_alpha(self, tests: int) -> float:
+        """The level each of `tests` layers is judged at: alpha / tests (Bonferroni), since one layer that
+        passes passes the check; at 3 layers and alpha 0.01 a layer needs p <= 0.0033, so 9 samples."""
+        return self.alpha / max(1, tests)
+
     def compare(self, layer: str, trained: torch.Tensor, random: torch.Tensor | None, groups: Sequence[str],
-                reasons: Sequence[str], what: str = "normalised error") -> dict:
+                reasons: Sequence[str], what: str = "normalised error", tests: int = 1) -> dict:
         """The layer's verdict against random weights, as row fields: verdict, random / trained ratio, p-value,
         passed (True, False, or None for a layer that neither passes nor fails), reason, and the Decision
-        (key "decision", popped by the caller)."""
+        (key "decision", popped by the caller); judged at layer_alpha(tests), `tests` the layers compared."""
+        alpha = self.layer_alpha(tests)
         if random is None:
             decision = None
         else:
             decision = decide(trained.tolist(), random.tolist(), effect="ratio", min_effect=self.min_ratio,
-                              alpha=self.alpha, seed=self.seed, groups=groups, better="lower",
+                              alpha=alpha, seed=self.seed, groups=groups, better="lower",
                               value_label=f"{layer} {what} (trained)",
                               control_label=f"{layer} {what} (random weights)")
         ratio = decision.effect if decision else math.nan
@@ -227,7 +234,7 @@ class ConvergenceCheck(Check):
         else:
             verdict, passed = CANNOT_TELL, None
             reverse = decide(random.tolist(), trained.tolist(), effect="ratio", min_effect=self.min_ratio,
-                             alpha=self.alpha, seed=self.seed, better="lower")
+                             alpha=alpha, seed=self.seed, better="lower")
             reason = (f"converged, but {RANDOM_CLOSER} (random / trained "
                       f"{ratio:.3g}x, p = {reverse.p_value:.2g}): evidence, not judged"
                       if reverse.status is Status.PASSED else
@@ -250,7 +257,8 @@ class ConvergenceCheck(Check):
             parts.append("failed: " + "; ".join(f"{r['layer']}: {r['reason']}" for r in failed))
         if passed:
             parts.append(f"measurably closer than through random weights (random / trained >= "
-                         f"{self.min_ratio:g}, p <= {self.alpha:g}): " + ", ".join(r["layer"] for r in passed))
+                         f"{self.min_ratio:g}, p <= alpha / {len(rows)} layers = {self.layer_alpha(len(rows)):.2g}): "
+                         + ", ".join(r["layer"] for r in passed))
         if evidence:
             parts.append(f"{CANNOT_TELL} (evidence, not judged): " + ", ".join(r["layer"] for r in evidence))
             closer = [r["layer"] for r in evidence if RANDOM_CLOSER in r["reason"]]
@@ -318,11 +326,11 @@ class InversionConverges(ConvergenceCheck):
     A layer passes when it converged (mean_i e_i <= max_error: much closer to its own image's features than
     to the other images'; no NaN/inf, no rising loss, loss fell by >= min_drop, output not constant) and
     its errors are measurably below random weights': geometric mean of r_i / e_i >= min_ratio and a
-    one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 gives p <= alpha. A converged layer that
+    one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 gives p <= alpha / L (L layers). A converged layer that
     cannot be told from random weights is evidence, not a gate (random networks invert well too: He et al.
     2016; the issue that introduced this rule found the demo's random copy inverting better than the
     trained model). The check's status follows ConvergenceCheck: FAILED when a layer did not converge,
-    INCONCLUSIVE with fewer than decision.needed_samples(alpha) judged samples (7 at 0.01), PASSED when a
+    INCONCLUSIVE with fewer than decision.needed_samples(alpha / L) judged samples (9 at 3 layers), PASSED when a
     layer passed, INFO when no layer can be told from random weights. The relative error ||f(x*) - f(x0)|| /
     ||f(x0)|| and the pixel distance of each reconstruction to its original are shown beside. `samples` = 0
     inverts the whole audit set at once (cost grows linearly with it: see benchmarks/synthesis.py).
@@ -336,9 +344,11 @@ class InversionConverges(ConvergenceCheck):
         "with a cosine schedule to lr * final_lr_ratio), at most `steps` steps, stopping once every loss changed by <= plateau over `window` steps; the same through a "
         "random-weights copy. e_i = ||f(x*_i) - f(x0_i)|| / mean_{j != i} ||f(x0_j) - f(x0_i)||, r_i the random "
         "copy's. A layer passes when mean e_i <= max_error (and no NaN, no rising loss, loss fell by >= min_drop) "
-        "and geomean(r_i / e_i) >= min_ratio with a one-sided Wilcoxon test of log(r_i / e_i) > 0 at p <= alpha; "
+        "and geomean(r_i / e_i) >= min_ratio with a one-sided Wilcoxon test of log(r_i / e_i) > 0 at p <= alpha / L "
+        "(L layers); "
         "a converged layer not measurably below random weights is evidence only. FAILED if a layer did not "
-        "converge, INCONCLUSIVE below 7 samples (alpha 0.01), PASSED if a layer passed, else INFO."
+        "converge, INCONCLUSIVE below the samples the test needs (9 at 3 layers, alpha 0.01), PASSED if a layer "
+        "passed, else INFO."
     )
 
     # L-BFGS in 50 steps (about 54 evaluations) reaches about what Adam (lr 0.25, cosine) did in 80: mean
@@ -369,7 +379,7 @@ class InversionConverges(ConvergenceCheck):
                 randoms = self._invert(rnd, images, layers, ids)
         rows, decisions = [], {}
         for layer in layers:
-            row = self._row(layer, results[layer], randoms.get(layer), images, groups)
+            row = self._row(layer, results[layer], randoms.get(layer), images, groups, len(layers))
             decision = row.pop("decision")
             if decision is not None:
                 decisions[layer] = decision
@@ -397,7 +407,7 @@ class InversionConverges(ConvergenceCheck):
         return result
 
     def _row(self, layer: str, res: inv.InversionResult, rnd: inv.InversionResult | None,
-             images: torch.Tensor, groups: Sequence[str]) -> dict:
+             images: torch.Tensor, groups: Sequence[str], tests: int = 1) -> dict:
         error = float(res.normalised_error.mean())
         zero = (f"{ZERO_NORM_REASON} for {int(res.zero_norm.sum())} of {res.zero_norm.numel()} samples"
                 if bool(res.zero_norm.any()) else "")
@@ -407,7 +417,8 @@ class InversionConverges(ConvergenceCheck):
         diverged = f"loss diverged (NaN/inf) at step {res.diverged_step}" if bool(res.diverged.any()) else ""
         total = res.curves["total"].mean(1)
         drop, fall, reasons = self.layer_verdict(total, error, [zero, constant, diverged])
-        verdict = self.compare(layer, res.normalised_error, rnd.normalised_error if rnd else None, groups, reasons)
+        verdict = self.compare(layer, res.normalised_error, rnd.normalised_error if rnd else None, groups, reasons,
+                               tests=tests)
         nan = math.nan
         return {
             "layer": layer, "verdict": verdict["verdict"], "normalised_error": error,

@@ -154,10 +154,10 @@ class TextureSynthesisConverges(ConvergenceCheck):
 
     The rule is inversion-converges' (ConvergenceCheck): a layer passes when it converged (mean_i e_i <=
     max_error, no NaN/inf or rising loss, loss fell by >= min_drop) and geomean(r_i / e_i) >= min_ratio with
-    a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 at p <= alpha; a converged layer that cannot
+    a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged layer that cannot
     be told from random weights is evidence only (a random network matches Gram matrices as well: before
     this rule the demo's random copy PASSED this check). FAILED when a layer did not converge, INCONCLUSIVE
-    below decision.needed_samples(alpha) samples, PASSED when a layer passed, else INFO. The relative error
+    below decision.needed_samples(alpha / L) samples, PASSED when a layer passed, else INFO. The relative error
     ||G(x*) - G(x0)||_F / ||G(x0)||_F is shown beside.
     """
 
@@ -170,8 +170,9 @@ class TextureSynthesisConverges(ConvergenceCheck):
         "through a random-weights copy. e_i = ||G_l(x*_i) - G_l(x0_i)||_F / mean_{j != i} ||G_l(x0_j) - "
         "G_l(x0_i)||_F, r_i the random copy's. A layer passes when mean e_i <= max_error (and no NaN, no rising "
         "loss, loss fell by >= min_drop) and geomean(r_i / e_i) >= min_ratio with a one-sided Wilcoxon test of "
-        "log(r_i / e_i) > 0 at p <= alpha; a converged layer not measurably below random weights is evidence "
-        "only. FAILED if a layer did not converge, INCONCLUSIVE below 7 samples (alpha 0.01), PASSED if a layer "
+        "log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged layer not measurably below random weights is evidence "
+        "only. FAILED if a layer did not converge, INCONCLUSIVE below the samples the test needs (9 at 3 layers, alpha "
+        "0.01), PASSED if a layer "
         "passed, else INFO."
     )
 
@@ -210,7 +211,7 @@ class TextureSynthesisConverges(ConvergenceCheck):
                     if bool(zero.any()) else "")
             drop, fall, reasons = self.layer_verdict(total, error, [diverged, dead])
             verdict = self.compare(layer, res.normalised_error[layer],
-                                   rnd.normalised_error[layer] if rnd else None, groups, reasons)
+                                   rnd.normalised_error[layer] if rnd else None, groups, reasons, tests=len(layers))
             if verdict["decision"] is not None:
                 decisions[layer] = verdict["decision"]
             if not reasons and still_falling(fall, self.plateau):
