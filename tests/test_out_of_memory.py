@@ -232,3 +232,15 @@ def test_a_backward_chunk_weighs_a_plain_forward_of_the_batch():
         finally:
             logger.removeHandler(handler)
     assert any("'functional'" in r.getMessage() and "memory probe failed" in r.getMessage() for r in records)
+
+
+def test_grad_cam_runs_in_the_backward_chunks():
+    """Grad-CAM differentiates a layer, not the pixels, through its own chunk loop: it takes the Subject's
+    backward cost too. Before: a forward + backward of batch_size rows at once (5.6 GB on resnet50)."""
+    spec = _tanh_chain(3)  # backward_cost 3
+    seen = []
+    spec.module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    images, targets = torch.rand(10, 3, 8, 8), torch.arange(10)
+    with Subject(spec, device="cpu", batch_size=12) as subject:
+        maps = cam.grad_cam(subject, images, targets, layer="0")
+    assert seen == [1, 1, 4, 4, 2] and maps.shape == (10, 8, 8)  # the probe's two rows, then chunks of 12 // 3

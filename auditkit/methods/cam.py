@@ -51,7 +51,8 @@ def grad_cam(
     """Grad-CAM maps, N x H x W on the CPU (N x h x w at the layer's resolution when upsample=False).
 
     layer: a name from named_modules(); default the deepest of subject.layers.
-    In chunks of the Subject (Subject.chunks). A non-finite map raises NonFiniteError naming the layer and the
+    In the Subject's forward + backward chunks (Subject.chunks at Subject.backward_cost(): the gradient is
+    the layer's, not the pixels', so Subject.gradients does not serve). A non-finite map raises NonFiniteError naming the layer and the
     samples (by `sample_ids` when given, else by index).
     """
     targets = _check(subject, images, targets)
@@ -68,6 +69,6 @@ def grad_cam(
                                 align_corners=False).squeeze(1)
         return cam.float().cpu()
 
-    out = list(subject.chunks(images.shape[0], maps_of))
+    out = list(subject.chunks(images.shape[0], maps_of, cost=subject.backward_cost()))
     maps = torch.cat(out) if out else torch.empty(0, *images.shape[-2:])
     return require_finite(maps, "attribution map", method="grad_cam", layer=layer, sample_ids=sample_ids)
