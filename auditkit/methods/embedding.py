@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from auditkit.methods.features import layer_features, rows_all_equal
+from auditkit.methods.features import layer_features, rows_all_equal, transient_features
 from auditkit.methods.numerics import require_finite
 from auditkit.subject import AuditModelError
 
@@ -95,28 +95,9 @@ def penultimate_features(subject, images: torch.Tensor, linear: str = "") -> tor
 
 
 def _inputs_of_layer(subject, images: torch.Tensor, layer: str) -> torch.Tensor:
-    inputs_seen: list[torch.Tensor] = []
-
-    def keep_input(_m: nn.Module, inputs: tuple, _out: object) -> None:
-        if not inputs or not isinstance(inputs[0], torch.Tensor):
-            raise AuditModelError(f"model {subject.name!r}: layer {layer!r} was called without a positional "
-                                  f"tensor input; pass layer= naming the layer whose output to embed")
-        inputs_seen.append(inputs[0].detach().float().flatten(1).cpu())
-
-    def inputs_of(rows: slice) -> torch.Tensor:
-        inputs_seen.clear()
-        subject.forward(images[rows])
-        return torch.cat(inputs_seen) if inputs_seen else torch.empty(0)
-
-    with subject.forward_hook(layer, keep_input), torch.no_grad():
-        parts = list(subject.chunks(images.shape[0], inputs_of))
-    out = torch.cat(parts)
-    if out.shape[0] != images.shape[0]:
-        raise AuditModelError(
-            f"model {subject.name!r}: layer {layer!r} gave {out.shape[0]} input rows for {images.shape[0]} images "
-            f"(called more than once per image?); pass layer= naming the layer whose output to embed"
-        )
-    return out
+    """The flattened first positional input of `layer` for every image: features.transient_features' capture,
+    which refuses a layer called without a tensor input, more than once per forward, or not at all."""
+    return transient_features(subject, images, [], input_of=layer)[2]
 
 
 def features(subject, images: torch.Tensor, layer: str = "") -> torch.Tensor:

@@ -45,7 +45,8 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
 
     A layer called twice in one forward reports each call (the latest one last). Every layer must
     give a tensor whose first dimension is the chunk's size. With `input_of`, that layer's first
-    positional input, flattened to rows, is reported too, as on_output(_INPUT_KEY, start, input). The
+    positional input, flattened to rows, is reported too, as on_output(_INPUT_KEY, start, input): one row
+    per image of the chunk (a layer called twice per forward gives twice the rows: an error). The
     hooks are Subject.forward_hook's, removed when the sweep ends, even when the forward raises.
     """
     layers = list(layers)
@@ -65,22 +66,29 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
             on_output(name, state["start"], out.detach())
         return hook
 
+    inputs_seen: list[torch.Tensor] = []
+
     def input_hook(_module, inputs, _out) -> None:
         if not inputs or not isinstance(inputs[0], torch.Tensor):
             raise AuditModelError(f"model {subject.name!r}: layer {input_of!r} was called without a positional "
                                   f"tensor input; pass layer= naming the layer whose output to embed")
-        if _INPUT_KEY in seen or inputs[0].ndim == 0 or inputs[0].shape[0] != state["rows"]:
-            got = "a second call in one forward" if _INPUT_KEY in seen else f"shape {tuple(inputs[0].shape)}"
-            raise AuditModelError(f"model {subject.name!r}: layer {input_of!r} input: {got}; expected one call per "
-                                  f"forward with the batch ({state['rows']} images) as its first dimension; pass "
-                                  f"layer= naming the layer whose output to embed")
         seen.add(_INPUT_KEY)
-        on_output(_INPUT_KEY, state["start"], inputs[0].detach().flatten(1))
+        x = inputs[0].detach()
+        inputs_seen.append(x.reshape(x.shape[0], -1) if x.ndim else x.reshape(1, 1))
 
     def logits_of(rows: slice) -> torch.Tensor:
         state["start"], state["rows"] = rows.start, rows.stop - rows.start
         seen.clear()
+        inputs_seen.clear()
         logits = subject.forward(images[rows]).float().cpu()
+        if inputs_seen:
+            given = torch.cat(inputs_seen)
+            if given.shape[0] != state["rows"]:
+                raise AuditModelError(
+                    f"model {subject.name!r}: layer {input_of!r} gave {given.shape[0]} input rows for "
+                    f"{state['rows']} images (called more than once per image?); pass layer= naming the layer "
+                    f"whose output to embed")
+            on_output(_INPUT_KEY, rows.start, given)
         missing = [name for name in layers + ([_INPUT_KEY] if input_of else []) if name not in seen]
         missing = [input_of if name == _INPUT_KEY else name for name in missing]
         if missing:
