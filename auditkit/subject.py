@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, TypeVar, Union
 
@@ -713,8 +714,6 @@ class Subject:
 
 def _measure_backward_cost(subject: "Subject") -> int:
     """Subject.backward_cost's probe: S and P for one grey image, ceil((S + P) / P) clamped."""
-    import math
-
     module = subject.module
     image = torch.full((1, len(subject.spec.mean), *subject.spec.input_size), 0.5, device=subject.device)
     shared = {t.data_ptr() for t in [*module.parameters(), *module.buffers()]}

@@ -341,7 +341,8 @@ class InversionConverges(ConvergenceCheck):
     description = (
         "x* = argmin ||f(x) - f(x0)||^2 / ||f(x0)||^2 + lambda_alpha * mean|x - 0.5|^6 + lambda_tv * TV_2(x), "
         "x = sigmoid(Fourier image) from noise, L-BFGS with a strong-Wolfe line search (optimiser 'adam': Adam "
-        "with a cosine schedule to lr * final_lr_ratio), at most `steps` steps, stopping once every loss changed by <= plateau over `window` steps; the same through a "
+        "with a cosine schedule to lr * final_lr_ratio), at most `steps` steps, stopping once every loss "
+        "changed by <= plateau over `window` steps; the same through a "
         "random-weights copy. e_i = ||f(x*_i) - f(x0_i)|| / mean_{j != i} ||f(x0_j) - f(x0_i)||, r_i the random "
         "copy's. A layer passes when mean e_i <= max_error (and no NaN, no rising loss, loss fell by >= min_drop) "
         "and geomean(r_i / e_i) >= min_ratio with a one-sided Wilcoxon test of log(r_i / e_i) > 0 at p <= alpha / L "
@@ -351,17 +352,17 @@ class InversionConverges(ConvergenceCheck):
         "passed, else INFO."
     )
 
-    # L-BFGS in 50 steps (about 54 evaluations) reaches about what Adam (lr 0.25, cosine) did in 80: mean
-    # normalised errors 0.16-0.26 against 0.15-0.28 on the demo's trained model, 0.12-0.14 against
-    # 0.10-0.15 on its random copy; on a random-weight ResNet-18 at 224 px, 60 steps gave 0.16-0.18
-    # against Adam's 0.12-0.37
+    # L-BFGS in 50 steps a layer (about 55 evaluations each) reaches what Adam (lr 0.25, cosine) did in
+    # 80: mean normalised errors 0.12-0.21 against 0.15-0.28 on the demo's trained model; on a random-weight
+    # ResNet-18 at 224 px (all layers in one problem then), 60 steps gave 0.16-0.18 against Adam's 0.12-0.37
     steps: int = 50
     ADAM_LR = 0.25  # Adam (optimiser = "adam") needed about 80 steps at this rate for L-BFGS's errors in 50
 
     def _invert(self, subject, images: torch.Tensor, layers: Sequence[str],
                 sample_ids: Sequence[object]) -> dict[str, inv.InversionResult]:
-        return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.step_size(), optimiser=self.optimiser,
-                                 final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
+        return inv.invert_layers(subject, images, layers, steps=self.steps, lr=self.step_size(),
+                                 optimiser=self.optimiser, final_lr_ratio=self.final_lr_ratio,
+                                 parametrisation=self.parametrisation,
                                  seed=self.seed, plateau=self.plateau, window=self.window, sample_ids=sample_ids)
 
     def run(self, subject, audit_set) -> CheckResult:

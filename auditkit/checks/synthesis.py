@@ -154,7 +154,8 @@ class TextureSynthesisConverges(ConvergenceCheck):
 
     The rule is inversion-converges' (ConvergenceCheck): a layer passes when it converged (mean_i e_i <=
     max_error, no NaN/inf or rising loss, loss fell by >= min_drop) and geomean(r_i / e_i) >= min_ratio with
-    a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged layer that cannot
+    a one-sided Wilcoxon signed-rank test of log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged
+    layer that cannot
     be told from random weights is evidence only (a random network matches Gram matrices as well: before
     this rule the demo's random copy PASSED this check). FAILED when a layer did not converge, INCONCLUSIVE
     below decision.needed_samples(alpha / L) samples, PASSED when a layer passed, else INFO. The relative error
@@ -166,11 +167,13 @@ class TextureSynthesisConverges(ConvergenceCheck):
     description = (
         "x* = argmin mean_l ||G_l(x) - G_l(x0)||_F^2 / ||G_l(x0)||_F^2 + lambda_tv * TV_2(x), G = F F^T / M, "
         "x = sigmoid(Fourier image weighted 1/f) from noise, L-BFGS with a strong-Wolfe line search (optimiser "
-        "'adam': Adam with a cosine schedule to lr * final_lr_ratio), at most `steps` steps, stopping once every loss changed by <= plateau over `window` steps; the same "
+        "'adam': Adam with a cosine schedule to lr * final_lr_ratio), at most `steps` steps, stopping once "
+        "every loss changed by <= plateau over `window` steps; the same "
         "through a random-weights copy. e_i = ||G_l(x*_i) - G_l(x0_i)||_F / mean_{j != i} ||G_l(x0_j) - "
         "G_l(x0_i)||_F, r_i the random copy's. A layer passes when mean e_i <= max_error (and no NaN, no rising "
         "loss, loss fell by >= min_drop) and geomean(r_i / e_i) >= min_ratio with a one-sided Wilcoxon test of "
-        "log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged layer not measurably below random weights is evidence "
+        "log(r_i / e_i) > 0 at p <= alpha / L (L layers); a converged layer not measurably below random "
+        "weights is evidence "
         "only. FAILED if a layer did not converge, INCONCLUSIVE below the samples the test needs (9 at 3 layers, alpha "
         "0.01), PASSED if a layer "
         "passed, else INFO."
@@ -185,7 +188,8 @@ class TextureSynthesisConverges(ConvergenceCheck):
     ADAM_LR = 0.3  # Adam (optimiser = "adam") needed about 210 steps at this rate for L-BFGS's errors in 60
 
     def _synthesise(self, subject, images: torch.Tensor, layers) -> syn.TextureResult:
-        return syn.synthesise_texture(subject, images, layers, steps=self.steps, lr=self.step_size(), optimiser=self.optimiser,
+        return syn.synthesise_texture(subject, images, layers, steps=self.steps, lr=self.step_size(),
+                                      optimiser=self.optimiser,
                                       final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
                                       seed=self.seed, plateau=self.plateau, window=self.window)
 

@@ -52,8 +52,8 @@ def grad_cam(
 
     layer: a name from named_modules(); default the deepest of subject.layers.
     In the Subject's forward + backward chunks (Subject.chunks at Subject.backward_cost(): the gradient is
-    the layer's, not the pixels', so Subject.gradients does not serve). A non-finite map raises NonFiniteError naming the layer and the
-    samples (by `sample_ids` when given, else by index).
+    the layer's, not the pixels', so Subject.gradients does not serve). A non-finite map raises
+    NonFiniteError naming the layer and the samples (by `sample_ids` when given, else by index).
     """
     targets = _check(subject, images, targets)
     if layer is None:

@@ -15,13 +15,14 @@ Two errors of the result, per image i of the N inverted together:
   (a layer that maps every image to nearly the same features has a small relative error and says
   little; its normalised error shows it). NaN with fewer than 2 images or a zero spread.
 
-The optimisation is methods.optimise.optimise (x = sigmoid(z) from noise, Adam, cosine schedule from lr
-to lr * final_lr_ratio, `steps` as a budget with an early stop once the loss settled (`plateau`, `window`),
-optional jitter, NaN detection); this module supplies only the objective.
+The optimisation is methods.optimise.optimise (x = sigmoid(z) from noise, L-BFGS, or Adam with a cosine
+schedule from lr to lr * final_lr_ratio, `steps` as a budget with an early stop once the loss settled
+(`plateau`, `window`), optional jitter, NaN detection); this module supplies only the objective.
 `invert_layers` inverts several layers at once: with Adam it stacks (layers x images) copies into one
 batch, layer-major; with L-BFGS, whose one line search would couple every row's loss, it runs one
 optimisation per layer. Either way each forward (in the Subject's chunks) runs layer g's rows only up to
-layer g, where its feature term is taken, so a shallow layer's inversion never pays for the deeper layers. Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
+layer g, where its feature term is taken, so a shallow layer's inversion never pays for the deeper layers.
+Under jitter the target features stay those of the unshifted x0 (the paper's regulariser).
 
 Pixel validity: x = sigmoid(z) stays in (0, 1), so the alpha-norm only pulls pixels towards grey; it is
 kept for fidelity to the paper and weighted lightly.
@@ -114,7 +115,8 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
                   optimiser: str = "adam", sample_ids: Sequence[object] | None = None) -> dict[str, InversionResult]:
     """Reconstruct `images` (N x C x H x W pixels in [0, 1]) from the features of each of `layers`.
 
-    All layers and images are optimised together, len(layers) * N images; see the module doc.
+    All layers and images are optimised together, len(layers) * N images (with L-BFGS, one layer's N at a
+    time); see the module doc.
     `plateau` > 0 stops early once every image's loss settled over `window` steps (methods.optimise).
     Returns layer -> InversionResult, in the order of `layers`. Features of `images` that are not finite
     (or whose squared norm overflows) leave nothing to invert towards: NonFiniteError naming the layer and
@@ -158,15 +160,15 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
 
     settings = dict(steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter, parametrisation=parametrisation,
                     seed=seed, plateau=plateau, window=window, optimiser=optimiser, device=device, subject=subject)
-    if optimiser == "lbfgs":  # one problem per layer: L-BFGS's one line search would couple the layers' losses
+    per_layer = optimiser == "lbfgs"  # L-BFGS's one line search would couple the layers' losses
+    if per_layer:
         runs = [optimise(lambda x, rows, g=g: objective(x, slice(rows.start + g * n, rows.stop + g * n)),
                          (n, *x0.shape[1:]), **settings) for g in range(groups)]
     else:  # Adam's steps are per coordinate: one run for every layer's rows
         runs = [optimise(objective, (groups * n, *x0.shape[1:]), **settings)] * groups
-    joint = runs[0] if groups > 1 and runs[0] is runs[1] else None
 
-    def rows_of(g: int) -> slice:
-        return slice(g * n, (g + 1) * n) if joint is not None else slice(0, n)
+    def rows_of(g: int) -> slice:  # layer g's rows of its run
+        return slice(0, n) if per_layer else slice(g * n, (g + 1) * n)
 
     recon = [runs[g].images[rows_of(g)] for g in range(groups)]
     diverged = [runs[g].diverged[rows_of(g)].clone() for g in range(groups)]
@@ -176,7 +178,7 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
               "alpha": alpha, "lambda_tv": lambda_tv, "beta": beta, "jitter": jitter,
               "parametrisation": parametrisation, "seed": seed, "plateau": plateau, "window": window,
               "optimiser": optimiser,
-              "evaluations": joint.evaluations if joint is not None else sum(run.evaluations for run in runs)}
+              "evaluations": sum(run.evaluations for run in runs) if per_layer else runs[0].evaluations}
     distances = [(final[layer].flatten(1).float() - targets[g]).norm(dim=1)
                  for g, layer in enumerate(layers)]
     errors = [d / norm2[g].sqrt() for g, d in enumerate(distances)]

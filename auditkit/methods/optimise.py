@@ -291,45 +291,44 @@ class _LbfgsSteps:
         self.opt = torch.optim.LBFGS([params.param], lr=lr, max_iter=1, max_eval=1 + LINE_SEARCH_EVALUATIONS,
                                      history_size=history, line_search_fn="strong_wolfe", tolerance_grad=0.0,
                                      tolerance_change=0.0)
-        self.last: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+        self.last: tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor] | None = None  # (param, terms, grad)
         self.evaluation: Evaluation | None = None
 
-    def _evaluated(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    def _evaluated(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(terms, parameter gradient) at the current parameter, from the last evaluation when it was there;
+        the parameter's .grad is set, as LBFGS reads it."""
         param = self.params.param
-        if self.last is not None and torch.equal(self.last[0], param):
-            _, terms, pixel_grad, grad = self.last
-        else:
+        if self.last is None or not torch.equal(self.last[0], param):
             with torch.enable_grad():
                 x = self.params.pixels()
                 terms, pixel_grad = self.evaluation(x)
                 grad, = torch.autograd.grad(x, param, pixel_grad)
             self.evaluations += 1
-            self.last = (param.detach().clone(), terms, pixel_grad, grad)
+            self.last = (param.detach().clone(), terms, grad)
+        _, terms, grad = self.last
         param.grad = grad.clone()
-        return terms, pixel_grad, grad
+        return terms, grad
 
     def evaluate(self, evaluation: Evaluation, shift: list[int] | None):
         self.evaluation = evaluation
-        terms, _, grad = self._evaluated()
-        return terms, grad
+        return self._evaluated()
 
     def step(self) -> bool | None:
         """One L-BFGS iteration: True when it moved to a point of lower summed loss; False when it did not
         (a line search that found no step: the optimum to rounding, or a wall of non-finite values); None
         when it ended at a non-finite parameter. Unless True, the parameter is put back where the step
         started, so the images stay those whose loss was recorded last."""
-        start = self.params.param.detach().clone()
-        start_total = float(self.last[1]["total"].sum())  # the step starts from the point evaluate() saw
+        start, start_terms, _ = self.last  # the step starts from the point evaluate() saw (a kept copy)
+        start_total = float(start_terms["total"].sum())
 
         def closure() -> torch.Tensor:
-            terms, _, _ = self._evaluated()
-            total = terms["total"].sum()
+            total = self._evaluated()[0]["total"].sum()
             return total if torch.isfinite(total) else total.new_tensor(math.inf)
 
         self.opt.step(closure)
         finite = bool(torch.isfinite(self.params.param).all())
         if finite and not torch.equal(self.params.param, start):
-            terms, _, _ = self._evaluated()  # the accepted point: the line search's last evaluation, as a rule
+            terms, _ = self._evaluated()  # the accepted point: the line search's last evaluation, as a rule
             if float(terms["total"].sum()) < start_total:
                 return True
         with torch.no_grad():
