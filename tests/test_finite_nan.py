@@ -16,6 +16,7 @@ from auditkit.checks.deletion import DeletionInsertion
 from auditkit.checks.inversion import InversionConverges
 from auditkit.checks.patches import MaxActivatingPatches
 from auditkit.checks.saliency import SaliencyInBox
+from auditkit.checks.synthesis import TextureSynthesisConverges
 from auditkit.methods import patches as pt
 from auditkit.methods import saliency as sal
 from auditkit.methods.numerics import NonFiniteError
@@ -222,3 +223,54 @@ def test_deconv_projection_with_a_nan_gradient_is_an_error():
         assert torch.isfinite(pt.forward_to(subject, images, ["1"])["1"]).all()
         with pytest.raises(NonFiniteError, match=r"deconvnet projection.*layer '1'.*2 of 2"):
             pt.deconv_projections(subject, images, "1", torch.tensor([[0, 0, 0, 0], [1, 0, 3, 3]]))
+
+
+def test_texture_of_nan_features_is_an_error_naming_layer_and_sample():
+    # before: FAILED "loss diverged (NaN/inf) at step 0", without the sample
+    with nan_feature_subject() as subject:
+        result = TextureSynthesisConverges(steps=10, samples=0, random_baseline=False).execute(
+            subject, nan_feature_set())
+    assert result.status is Status.ERROR, result.summary()
+    assert "'texture'" in result.message and "layer 'feat'" in result.message and "'f1'" in result.message
+
+
+def test_dead_units_on_nan_features_names_the_sample_by_id():
+    # before: "... for 1 of 3 sample(s): 1", an index the user never wrote
+    from auditkit.checks.representation import DeadUnits
+
+    with nan_feature_subject() as subject:
+        result = DeadUnits().execute(subject, nan_feature_set())
+    assert result.status is Status.ERROR, result.summary()
+    assert "layer 'feat'" in result.message and "'f1'" in result.message
+
+
+class NaNWhenRandom(nn.Module):
+    """Finite maps that vary over pixels while `feat` holds its trained identity weight; a randomised copy
+    (any other weight) has NaN pixel gradients (the trap at 1) with finite logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Conv2d(3, 3, 1, bias=False)
+        with torch.no_grad():
+            self.feat.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        a = self.feat(x)
+        out = self.head(torch.relu(a - 0.2).mean(dim=(2, 3)))
+        if not bool((self.feat.weight.diagonal() == 1).all()):
+            out = out + trap(a.sum(dim=(1, 2, 3)) * 0 + 1.0)[:, None]
+        return out
+
+
+def test_saliency_sanity_nan_in_a_randomised_copy_names_the_copy_and_the_sample():
+    # before: PASSED (the NaN maps were dropped as constant); then an ERROR naming index 0, not the copy
+    from auditkit.checks.sanity import SaliencySanity
+
+    torch.manual_seed(0)
+    spec = ModelSpec(module=NaNWhenRandom(), class_names=["a", "b"], input_size=(16, 16), layers=["feat"],
+                     name="nanrandom")
+    with Subject(spec, device="cpu") as subject:
+        result = SaliencySanity(method="gradient", samples=4).execute(subject, trap_set(4, bad=-1))
+    assert result.status is Status.ERROR, result.summary()
+    assert "randomised" in result.message and "'t0'" in result.message

@@ -9,6 +9,7 @@ from auditkit.checks.base import CheckConfigError, Status
 from auditkit.checks.inversion import (CANNOT_TELL, CONSTANT_REASON, FAILED_LAYER, NOT_COMPARED, PASSED_LAYER,
                                        UNDECIDED, ZERO_NORM_REASON, InversionConverges)
 from auditkit.methods.inversion import invert, invert_layers, normalised, spread_to_others
+from auditkit.methods.numerics import NonFiniteError
 from auditkit.subject import AuditModelError, Subject
 
 
@@ -115,14 +116,15 @@ def test_near_constant_layer_fails_the_check_instead_of_passing_trivially():
     assert result.rows[0]["reason"] == CONSTANT_REASON + " for 2 of 2 samples"
 
 
-def test_nan_layer_is_reported_as_diverged():
+def test_nan_layer_at_the_starting_images_is_an_error_naming_layer_and_samples():
+    """The layer is NaN wherever a pixel is below 0.3, as at the optimiser's noise start: nothing has moved
+    yet, so it is the model's NaN (ERROR naming method, layer and samples), where it was FAILED "diverged"."""
     with Subject(probe_spec("nan"), device="cpu") as subject:
-        res = invert(subject, smooth_images(), "feat", steps=20)
+        with pytest.raises(NonFiniteError, match=r"step 0\) \(method 'inversion', layer 'feat'\)"):
+            invert(subject, smooth_images(), "feat", steps=20)
         result = InversionConverges(steps=20, samples=2).execute(subject, probe_set())
-    assert res.diverged.any() and res.diverged_step is not None and res.steps == res.diverged_step + 1
-    assert torch.isnan(res.final_error[res.diverged]).all()
-    assert result.status is Status.FAILED, result.error
-    assert "diverged" in result.rows[0]["reason"]
+    assert result.status is Status.ERROR, result.summary()
+    assert "layer 'feat'" in result.message and "2 of 2 sample(s)" in result.message
 
 
 def test_identity_probe_inverts_exactly_as_random_weights_so_it_is_evidence_not_a_pass():

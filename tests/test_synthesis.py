@@ -407,16 +407,21 @@ class _NaNGradient(torch.autograd.Function):
 
 
 class _NaNFor(nn.Module):
-    """Finite logits (the Subject checks them) whose gradient is NaN for the classes in `classes`."""
+    """Finite logits (the Subject checks them) whose gradient is NaN for the classes in `classes`, from the
+    `after`-th forward with autograd on (0: from the first, the starting images)."""
 
-    def __init__(self, classes):
+    def __init__(self, classes, after=1):
         super().__init__()
         torch.manual_seed(0)
-        self.classes = classes
+        self.classes, self.after, self.calls = classes, after, 0
         self.conv = nn.Conv2d(3, 2, 3, padding=1)
 
     def forward(self, x):
-        return _NaNGradient.apply(self.conv(x).mean((2, 3)), self.classes)
+        logits = self.conv(x).mean((2, 3))
+        if not torch.is_grad_enabled():
+            return logits
+        self.calls += 1
+        return _NaNGradient.apply(logits, self.classes) if self.calls > self.after else logits
 
 
 def test_class_visualisation_fails_only_when_every_class_diverges():
@@ -427,14 +432,28 @@ def test_class_visualisation_fails_only_when_every_class_diverges():
         spec = ModelSpec(module=_NaNFor(classes), class_names=["a", "b"], input_size=(8, 8), layers=["conv"],
                          name=name)
         with Subject(spec, device="cpu") as subject:
+            subject.backward_cost()  # its probe's forward comes first; the model counts its calls after
+            spec.module.calls = 0
             results[name] = ClassVisualisation(steps=5).execute(subject, None)
     every, one = results["all"], results["one"]
     assert every.status is Status.FAILED and every.value == 0.0, every.summary()
     assert "every visualised class diverged" in every.message
     assert all("diverged" in r["reason"] for r in every.rows)
     assert one.status is Status.INFO, one.summary()
-    assert "not reached: " in one.message and "b: score diverged (NaN/inf) at step 0" in one.message
+    assert "not reached: " in one.message and "b: score diverged (NaN/inf) at step 1" in one.message
     assert [r["reached"] for r in one.rows][1] is False
+
+
+def test_a_nan_gradient_at_the_starting_images_is_an_error_naming_the_class():
+    """NaN before anything moved is the model's fault, not the optimiser's: ERROR naming method and class
+    (it was FAILED or INFO as a divergence at step 0)."""
+    spec = ModelSpec(module=_NaNFor((1,), after=0), class_names=["a", "b"], input_size=(8, 8), layers=["conv"],
+                     name="nan0")
+    with Subject(spec, device="cpu") as subject:
+        result = ClassVisualisation(steps=5).execute(subject, None)
+    assert result.status is Status.ERROR, result.summary()
+    assert "'class visualisation'" in result.message and "step 0" in result.message
+    assert "1 of 2 sample(s): 'class b'" in result.message
 
 
 @pytest.mark.gpu
@@ -474,7 +493,7 @@ def test_class_visualisation_of_a_one_class_model_is_an_error():
     with Subject(spec, device="cpu") as subject:
         result = ClassVisualisation(steps=2).execute(subject, None)
     assert result.status is Status.ERROR, result.summary()
-    assert "needs at least 2 classes, model 'one' has 1" in result.message
+    assert "needs a model of at least 2 classes, model 'one' has 1" in result.message
 
 
 def test_class_visualisation_of_1000_classes_optimises_8_the_audit_sets_first_in_batches():

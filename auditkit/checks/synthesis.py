@@ -80,10 +80,9 @@ class ClassVisualisation(Check):
 
     def run(self, subject, audit_set) -> CheckResult:
         names = list(subject.spec.class_names)
-        if len(names) < 2:  # the model, not the audit set, decides: the check cannot run (ERROR), never PASS
-            return self.error_result(
-                f"class visualisation needs at least 2 classes, model {subject.name!r} has {len(names)}: "
-                f"a softmax over one logit is 1 for every image, so reaching p >= min_prob says nothing")
+        one_class = self.one_class_error(subject, "reaching p >= min_prob")  # the model decides, not the set
+        if one_class is not None:
+            return one_class
         unknown = [c for c in self.classes if c not in names]
         if unknown:
             raise CheckConfigError(f"check {self.name!r}: unknown class(es) {', '.join(map(repr, unknown))}; "
@@ -187,11 +186,12 @@ class TextureSynthesisConverges(ConvergenceCheck):
     steps: int = 60
     ADAM_LR = 0.3  # Adam (optimiser = "adam") needed about 210 steps at this rate for L-BFGS's errors in 60
 
-    def _synthesise(self, subject, images: torch.Tensor, layers) -> syn.TextureResult:
+    def _synthesise(self, subject, images: torch.Tensor, layers, sample_ids) -> syn.TextureResult:
         return syn.synthesise_texture(subject, images, layers, steps=self.steps, lr=self.step_size(),
                                       optimiser=self.optimiser,
                                       final_lr_ratio=self.final_lr_ratio, parametrisation=self.parametrisation,
-                                      seed=self.seed, plateau=self.plateau, window=self.window)
+                                      seed=self.seed, plateau=self.plateau, window=self.window,
+                                      sample_ids=sample_ids)
 
     def run(self, subject, audit_set) -> CheckResult:
 
@@ -200,11 +200,12 @@ class TextureSynthesisConverges(ConvergenceCheck):
         if undecided is not None:
             return undecided
         groups = [audit_set.class_names[int(label)] for label in audit_set.labels()[indices]]
-        res = self._synthesise(subject, images, layers)
+        ids = [audit_set[i].id or str(i) for i in indices]
+        res = self._synthesise(subject, images, layers, ids)
         rnd = None
         if self.random_baseline:
             with subject.randomised(self.seed) as random_subject:
-                rnd = self._synthesise(random_subject, images, layers)
+                rnd = self._synthesise(random_subject, images, layers, ids)
         total = res.curves["total"].mean(1)
         rows, decisions, unsettled = [], {}, []
         for layer in layers:

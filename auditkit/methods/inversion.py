@@ -161,11 +161,14 @@ def invert_layers(subject, images: torch.Tensor, layers: Sequence[str], *, steps
     settings = dict(steps=steps, lr=lr, final_lr_ratio=final_lr_ratio, jitter=jitter, parametrisation=parametrisation,
                     seed=seed, plateau=plateau, window=window, optimiser=optimiser, device=device, subject=subject)
     per_layer = optimiser == "lbfgs"  # L-BFGS's one line search would couple the layers' losses
+    ids = list(sample_ids) if sample_ids is not None else list(range(n))
     if per_layer:
         runs = [optimise(lambda x, rows, g=g: objective(x, slice(rows.start + g * n, rows.stop + g * n)),
-                         (n, *x0.shape[1:]), **settings) for g in range(groups)]
+                         (n, *x0.shape[1:]), method="inversion", layer=layers[g], row_names=ids, **settings)
+                for g in range(groups)]
     else:  # Adam's steps are per coordinate: one run for every layer's rows
-        runs = [optimise(objective, (groups * n, *x0.shape[1:]), **settings)] * groups
+        runs = [optimise(objective, (groups * n, *x0.shape[1:]), method="inversion", layer=", ".join(layers),
+                         row_names=[f"{i} at {layer}" for layer in layers for i in ids], **settings)] * groups
 
     def rows_of(g: int) -> slice:  # layer g's rows of its run
         return slice(0, n) if per_layer else slice(g * n, (g + 1) * n)

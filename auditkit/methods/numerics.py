@@ -40,14 +40,20 @@ def require_finite(tensor: torch.Tensor, what: str, *, method: str = "", layer: 
             bad_rows = (~finite).reshape(finite.shape[0], -1).any(1) if finite.dim() else finite.new_ones(1)
             rows = bad_rows.nonzero().flatten().tolist()
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "inf"
-            where = ", ".join(part for part in (f"method {method!r}" if method else "",
-                                                f"layer {layer!r}" if layer else "") if part)
-            shown = ", ".join(_names(sample_ids, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
-            raise NonFiniteError(
-                f"{what}{' (' + where + ')' if where else ''} is not finite ({kind}) for "
-                f"{len(rows)} of {max(1, tensor.shape[0] if tensor.dim() else 1)} sample(s): {shown}"
-            )
+            raise non_finite_error(what, rows, max(1, tensor.shape[0] if tensor.dim() else 1), kind,
+                                   method=method, layer=layer, sample_ids=sample_ids)
     return tensor
+
+
+def non_finite_error(what: str, rows: list[int], total: int, kind: str, *, method: str = "", layer: str = "",
+                     sample_ids: Sequence[object] | None = None) -> NonFiniteError:
+    """The NonFiniteError require_finite raises: `what` (method, layer) is not finite (`kind`) for
+    len(rows) of `total` samples, naming the first five (by id when `sample_ids` is given)."""
+    where = ", ".join(part for part in (f"method {method!r}" if method else "",
+                                        f"layer {layer!r}" if layer else "") if part)
+    shown = ", ".join(_names(sample_ids, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    return NonFiniteError(f"{what}{' (' + where + ')' if where else ''} is not finite ({kind}) for "
+                          f"{len(rows)} of {total} sample(s): {shown}")
 
 
 def constant_rows(x: torch.Tensor, rtol: float | None = None) -> torch.Tensor:

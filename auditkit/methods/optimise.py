@@ -35,7 +35,8 @@ recorded as curves too. The loop owns everything else:
   starts from (for L-BFGS, the point the previous line search accepted);
 - NaN / inf detection: a non-finite "total", or a non-finite gradient of it (a finite loss can have
   one), stops the loop at that step before the parameters move; `diverged` marks the images whose total
-  or gradient was not finite and `diverged_step` is the step. The images returned are those of that
+  or gradient was not finite and `diverged_step` is the step (at step 0 it is an error instead: the
+  objective is not finite where nothing has moved yet). The images returned are those of that
   step, so they are always finite; a check must fail (or error) on any diverged image, never pass.
 
 Everything is batched: each step is one forward and one backward of the whole batch, split into chunks by
@@ -53,6 +54,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from auditkit.methods.numerics import non_finite_error
 from auditkit.progress import report
 from auditkit.subject import AuditModelError, value_and_gradient
 
@@ -166,12 +168,16 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
              final_lr_ratio: float = 0.01, jitter: int = 0, parametrisation: Parametrisation = "sigmoid",
              init_scale: float = 0.5, decay: float = 1.0, seed: int = 0, plateau: float = 0.0, window: int = 10,
              optimiser: Optimiser = "adam", history: int = 10, device: str | torch.device = "cpu",
-             subject=None) -> OptimiseResult:
+             subject=None, method: str = "", layer: str = "",
+             row_names: Sequence[object] | None = None) -> OptimiseResult:
     """Minimise sum_i objective(x)["total"][i] over images x of `shape` (N x C x H x W), from seeded noise,
     for at most `steps` steps; with `plateau` > 0, stop once every image's total changed by at most
     `plateau` (relative) over the last `window` steps.
 
     See the module doc for the parametrisation, optimisers, schedule, early stop, jitter and divergence rules.
+    A total or gradient that is not finite at the starting images (step 0, before anything moved) is the
+    model's fault, not the optimiser's: NonFiniteError naming `method`, `layer` and the rows (by
+    `row_names` when given).
     """
     if len(shape) != 4 or min(shape) < 1:
         raise ValueError(f"shape must be N x C x H x W with every size >= 1, got {tuple(shape)}")
@@ -222,6 +228,12 @@ def optimise(objective: Objective, shape: Sequence[int], *, steps: int, lr: floa
                 before = curves["total"][step - window].to(total.device)
                 flags.append(((total.float() - before).abs() <= plateau * before.abs()).all())
             stop = torch.stack(flags).tolist()  # one sync per step
+            if stop[0] and step == 0:
+                kind = "NaN" if bool(torch.isnan(total).any()) or grad is not None and bool(grad.isnan().any()) \
+                    else "inf"
+                raise non_finite_error("loss or its pixel gradient at the starting images (step 0)",
+                                       bad.nonzero().flatten().tolist(), n, kind, method=method, layer=layer,
+                                       sample_ids=row_names)
             if stop[0]:  # the images stay those this step saw
                 diverged, diverged_step = bad.cpu(), step
                 break

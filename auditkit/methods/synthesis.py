@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from auditkit.methods.inversion import normalised, spread_to_others, total_variation
+from auditkit.methods.numerics import require_finite
 from auditkit.methods.optimise import forward_to, layer_outputs, optimise
 
 #: Default weight of the L2 pull towards grey in class visualisation (the score is O(10)).
@@ -82,7 +83,9 @@ def visualise_classes(subject, classes: Sequence[int] | None = None, *, steps: i
         return {"score": score, "l2": l2, "total": -score + lambda_l2 * l2}
 
     run = optimise(objective, (len(classes), len(subject.spec.mean), h, w), steps=steps, lr=lr, jitter=jitter,
-                   parametrisation=parametrisation, decay=decay, seed=seed, device=subject.device, subject=subject)
+                   parametrisation=parametrisation, decay=decay, seed=seed, device=subject.device, subject=subject,
+                   method="class visualisation",
+                   row_names=[f"class {subject.spec.class_names[c]}" for c in classes])
     probability = subject.probabilities(run.images).gather(1, target.cpu()).squeeze(1)
     return ClassVisualisation(images=run.images, classes=classes, probability=probability, curves=run.curves,
                               diverged=run.diverged, diverged_step=run.diverged_step, steps=run.steps,
@@ -110,9 +113,12 @@ class TextureResult:
 def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, steps: int = 100, lr: float = 0.1,
                        lambda_tv: float = TEXTURE_LAMBDA_TV, parametrisation: str = "sigmoid",
                        final_lr_ratio: float = 0.01, seed: int = 0, plateau: float = 0.0,
-                       window: int = 10, optimiser: str = "adam") -> TextureResult:
+                       window: int = 10, optimiser: str = "adam",
+                       sample_ids: Sequence[object] | None = None) -> TextureResult:
     """Match the Gram matrices of `layers` of each source image (N x C x H x W pixels); see the module doc.
-    `plateau` > 0 stops early once every synthesis's loss settled over `window` steps (methods.optimise)."""
+    `plateau` > 0 stops early once every synthesis's loss settled over `window` steps (methods.optimise).
+    A source image whose layer output or Gram matrix is not finite raises NonFiniteError naming the layer
+    and the samples (by `sample_ids` when given): there is no texture to match."""
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise ValueError("synthesise_texture needs at least one layer")
@@ -120,7 +126,13 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
         subject.layer(layer)
     x0 = images.to(subject.device, torch.float32)
     acts = layer_outputs(subject, x0, layers)
+    for layer in layers:
+        require_finite(acts[layer], "layer output of the source images", method="texture", layer=layer,
+                       sample_ids=sample_ids)
     targets = {layer: gram_matrix(acts[layer]) for layer in layers}
+    for layer, gram in targets.items():
+        require_finite(gram, "Gram matrix of the source images (overflow)", method="texture", layer=layer,
+                       sample_ids=sample_ids)
     norm2 = {layer: g.pow(2).flatten(1).sum(1) for layer, g in targets.items()}
     denom = {layer: torch.where(v > 0, v, torch.ones_like(v)) for layer, v in norm2.items()}
 
@@ -137,7 +149,8 @@ def synthesise_texture(subject, images: torch.Tensor, layers: Sequence[str], *, 
 
     run = optimise(objective, tuple(x0.shape), steps=steps, lr=lr, final_lr_ratio=final_lr_ratio,
                    parametrisation=parametrisation, seed=seed, plateau=plateau, window=window, optimiser=optimiser,
-                   device=subject.device, subject=subject)
+                   device=subject.device, subject=subject, method="texture", layer=", ".join(layers),
+                   row_names=sample_ids)
     feats = layer_outputs(subject, run.images.to(subject.device), layers)
     distance = {layer: (gram_matrix(feats[layer]) - targets[layer]).flatten(1).norm(dim=1) for layer in layers}
     final_error, normalised_error = {}, {}
