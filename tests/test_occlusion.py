@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -187,6 +188,19 @@ def test_a_box_under_a_pixel_after_resizing_skips_its_sample_and_says_so():
     (skipped,) = result.details["skipped"]
     assert skipped["sample"] == "thin-line" and "covers no pixel at 16 x 16" in skipped["reason"]
     assert "thin-line" not in [row["sample"] for row in result.rows]
+
+
+def test_every_box_under_a_pixel_is_inconclusive_naming_the_samples():
+    # before: ERROR "audit set 'thin' is empty", a set of 3 samples the user never emptied
+    from auditkit import AuditSet
+
+    one = thin_box_set()[0]
+    data = AuditSet([dataclasses.replace(one, id=f"thin{i}") for i in range(3)], ["left", "right"], name="thin")
+    with Subject(region_spec(), device="cpu") as subject:
+        result = OcclusionDrop(baseline="zero").execute(subject, data)
+    assert result.status is Status.INCONCLUSIVE, result.summary()
+    assert "3 sample(s) skipped" in result.message and "thin0, thin1, thin2" in result.message
+    assert result.details["samples_judged"] == 0 and len(result.details["skipped"]) == 3
 
 
 def mostly_unjudgeable_set(judgeable: int, total: int = 60):

@@ -85,6 +85,9 @@ class OcclusionDrop(Check):
                       inconclusive=why)
 
     def run(self, subject, audit_set) -> CheckResult:
+        one_class = self.one_class_error(subject, "the drop of p(class) under occlusion")
+        if one_class is not None:
+            return one_class
         usable, boxed = audit_set.with_boxes()
         if boxed is None:
             return self.error_result(f"audit set {audit_set.name!r} has no sample with an object box")
@@ -95,7 +98,8 @@ class OcclusionDrop(Check):
         covers = object_masks.flatten(1).any(1).tolist()
         skipped = [self._no_pixel(audit_set, i, h, w) for i, ok in zip(usable, covers) if not ok]
         keep = [j for j, ok in enumerate(covers) if ok]
-        usable, boxed, object_masks = [usable[j] for j in keep], boxed.subset(keep), object_masks[keep]
+        usable, object_masks = [usable[j] for j in keep], object_masks[keep]
+        boxed = boxed.subset(keep) if keep else None
         notes = []
         without_box = len(audit_set) - len(covers)
         if without_box:
