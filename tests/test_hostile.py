@@ -288,6 +288,25 @@ def test_evidence_that_cannot_be_saved_keeps_the_result(tmp_path, monkeypatch):
     assert list((tmp_path / "evidence").iterdir()) == []  # no temporary file left
 
 
+@pytest.mark.parametrize("failure", [ValueError("embedded null byte"), MemoryError()], ids=["nul-byte", "memory"])
+def test_evidence_that_fails_to_save_in_any_way_keeps_the_result(tmp_path, monkeypatch, failure):
+    # before: a ValueError (NUL in the report path) or MemoryError while writing lost the result
+    from auditkit import reportdir
+    from auditkit.checks.base import CheckResult, Evidence, Status
+
+    def fail(*args):
+        raise failure
+
+    monkeypatch.setattr(reportdir.os, "fsync", fail)
+    result = CheckResult(check="c", kind="k", status=Status.FAILED, model="m",
+                         evidence=[Evidence(title="map", media_type="image/png", data=b"png")])
+    result.save_evidence(tmp_path)
+    assert result.status is Status.FAILED
+    (item,) = result.evidence
+    assert item.path is None and item.missing.startswith("could not be saved to ")
+    assert list((tmp_path / "evidence").iterdir()) == []
+
+
 # -- 10. the smaller ones --------------------------------------------------------------------------
 
 
@@ -435,3 +454,26 @@ def test_constant_features_fail_class_separation_instead_of_crashing():
     with Subject(spec, device="cpu") as subject:
         result = ClassSeparation().execute(subject, data)
     assert result.status is Status.FAILED and "same for every image" in result.message
+
+
+@pytest.mark.parametrize("kind", ["occlusion-drop", "deletion-insertion", "class-visualisation"])
+def test_checks_that_score_a_softmax_need_a_model_of_two_classes(kind):
+    # before: occlusion-drop and deletion-insertion FAILED "effect 0" (p = 1 for every image, intact or
+    # not), class-visualisation PASSED "1 of 1 classes"
+    import torch
+    from torch import nn
+
+    from auditkit import Status, Subject
+    from auditkit.checks import build_checks
+    from tests.toys import halves_set
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 1))
+    spec = auditkit.ModelSpec(module=net, class_names=["left"], input_size=(16, 16), name="one")
+    data = halves_set(n=8)
+    (check,) = build_checks([{"kind": kind, "steps": 2} if kind == "class-visualisation" else {"kind": kind}])
+    with Subject(spec, device="cpu") as subject:
+        result = check.execute(subject, data)
+    assert result.status is Status.ERROR, result.summary()
+    assert "needs a model of at least 2 classes, model 'one' has 1" in result.message

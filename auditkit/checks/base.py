@@ -60,7 +60,7 @@ class Evidence:
         """Write report_dir/evidence/<stem><suffix> atomically (0644) and record its relative path.
 
         A failure to write (a bad folder, a name the file system refuses, a
-        full disk) is not raised: `path` stays None, `missing` says why, and
+        full disk, a NUL byte in the path, no memory for the copy) is not raised: `path` stays None, `missing` says why, and
         no temporary file is left. Returns whether the file was written.
         """
         if self.data is None:
@@ -69,8 +69,9 @@ class Evidence:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(target, self.data)
-        except OSError as exc:
-            self.path, self.missing = None, f"could not be saved to {target}: {exc.strerror or exc}"
+        except (OSError, ValueError, MemoryError) as exc:  # ValueError: a NUL in the path; MemoryError: no room
+            reason = (exc.strerror if isinstance(exc, OSError) else "") or str(exc) or type(exc).__name__
+            self.path, self.missing = None, f"could not be saved to {target}: {reason}"
             return False
         self.path, self.missing = f"{EVIDENCE_DIR}/{target.name}", ""
         return True
@@ -313,6 +314,15 @@ class Check:
 
     def error_result(self, message: str, error: str | None = None) -> CheckResult:
         return CheckResult(check=self.name, kind=self.kind, status=Status.ERROR, message=message, error=error or message)
+
+    def one_class_error(self, subject, judged: str) -> CheckResult | None:
+        """ERROR (the check cannot run, never PASS or FAILED) when the model has fewer than 2 classes: a
+        softmax over one logit is 1 for every image, so `judged` (what the check measures) says nothing."""
+        count = subject.spec.num_classes
+        if count >= 2:
+            return None
+        return self.error_result(f"{self.kind} needs a model of at least 2 classes, model {subject.name!r} has "
+                                 f"{count}: a softmax over one logit is 1 for every image, so {judged} says nothing")
 
 
 def require_unit(check: Check, *names: str) -> None:

@@ -64,6 +64,9 @@ class DeletionInsertion(Check):
         validate_method_layer(self)
 
     def run(self, subject, audit_set) -> CheckResult:
+        one_class = self.one_class_error(subject, "the probability's fall under deletion")
+        if one_class is not None:
+            return one_class
         if self.method == "auto":
             return run_auto(self, subject, audit_set)
         chosen = spread_indices(len(audit_set), self.samples)
