@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from auditkit.checks.base import Evidence
 from auditkit.data import Box
+from auditkit.methods.numerics import constant_rows
 
 __all__ = [
     "to_pil",
@@ -100,9 +101,10 @@ def colormap(
     else:
         lo = float(vals.min()) if vmin is None and vals.numel() else (0.0 if vmin is None else float(vmin))
         hi = float(vals.max()) if vmax is None and vals.numel() else (1.0 if vmax is None else float(vmax))
-    if hi > lo:
+    own_range = vmin is None and vmax is None
+    if hi > lo and not (own_range and bool(constant_rows(vals.view(1, -1))[0])):
         t = (v - lo) / (hi - lo)
-    else:  # constant (or empty) map
+    else:  # constant (or empty) map, or constant up to rounding on its own range: no noise stretched to colour
         t = torch.full_like(v, 0.5 if cmap == "coolwarm" else 0.0)
     t = torch.nan_to_num(t, nan=0.0, posinf=1.0, neginf=0.0).clamp(0.0, 1.0)
 

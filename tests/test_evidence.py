@@ -239,3 +239,23 @@ def colorbar_strip(arr: np.ndarray, width: int) -> np.ndarray:
             best, start = max(best, (y - start, start)), None
     length, top = best
     return column[top: top + length]
+
+
+def test_a_map_constant_up_to_rounding_is_drawn_flat_not_stretched() -> None:
+    # before: 1 +- 1e-7 (what the checks call constant) spanned the whole colour range
+    noise = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
+    near = 1.0 + 1e-7 * noise
+    flat = colormap(near)
+    assert torch.equal(flat, colormap(torch.ones(8, 8)))
+    assert not torch.equal(colormap(1.0 + 1e-2 * noise), flat)  # a real spread still shows
+    # a range the caller states is kept: the map is then drawn on that scale
+    assert colormap(near, vmin=0.0, vmax=2.0).std(dim=(1, 2)).max() < 1e-3
+
+
+def test_a_filter_constant_up_to_rounding_normalises_to_grey() -> None:
+    from auditkit.checks.representation import normalise_filters
+
+    weight = torch.stack([torch.full((3, 3, 3), 0.2) + 1e-9 * torch.randn(3, 3, 3), torch.randn(3, 3, 3)])
+    out = normalise_filters(weight)
+    assert torch.equal(out[0], torch.full((3, 3, 3), 0.5))
+    assert out[1].min() == 0.0 and out[1].max() == 1.0

@@ -440,7 +440,8 @@ class DeadUnits(Check):
         if self.sample >= len(audit_set):
             return self.error_result(f"check {self.name!r}: sample {self.sample} is out of range; audit set "
                                      f"{audit_set.name!r} has {len(audit_set)} samples (valid 0..{len(audit_set) - 1})")
-        dead = fe.dead_units(subject, audit_set.images(), layers)
+        dead = fe.dead_units(subject, audit_set.images(), layers,
+                             sample_ids=[sample.id or str(i) for i, sample in enumerate(audit_set)])
         rows = []
         for name in layers:
             mask = dead[name]
@@ -578,12 +579,13 @@ def activation_grid(maps: torch.Tensor, dead: torch.Tensor | None = None, *, til
 
 def normalise_filters(weight: torch.Tensor) -> torch.Tensor:
     """Each filter (dimension 0) mapped to [0, 1] by its own min and max over all its other dimensions:
-    (w - min) / (max - min); a constant filter becomes 0.5."""
+    (w - min) / (max - min); a filter constant up to rounding (numerics.constant_rows) becomes 0.5."""
     weight = weight.detach().float().cpu()
     dims = tuple(range(1, weight.ndim))
     lo = weight.amin(dim=dims, keepdim=True)
     span = weight.amax(dim=dims, keepdim=True) - lo
-    return torch.where(span > 0, (weight - lo) / span.clamp_min(1e-12), torch.full_like(weight, 0.5))
+    varies = ~constant_rows(weight).view(-1, *([1] * (weight.ndim - 1)))
+    return torch.where(varies, (weight - lo) / span.clamp_min(1e-12), torch.full_like(weight, 0.5))
 
 
 def filter_tiles(weight: torch.Tensor, *, tile: int = 28) -> tuple[Image.Image, int]:

@@ -12,7 +12,7 @@ from auditkit.checks.decision import ALPHA, decide
 from auditkit.checks.saliency import Method, run_auto, validate_method_layer
 from auditkit.methods import randomisation as rnd
 from auditkit.progress import report
-from auditkit.methods.numerics import CONSTANT_RTOL, constant_rows, require_finite
+from auditkit.methods.numerics import CONSTANT_RTOL, NonFiniteError, constant_rows, require_finite
 from auditkit.methods import saliency as sal
 
 _MAX_COLUMNS = 8  # map columns in the evidence grid: the original and at most 7 cascade steps
@@ -59,7 +59,10 @@ class SaliencySanity(Check):
 
     def _maps(self, subject, images, labels, layer, ids, state: str = "trained") -> torch.Tensor:
         """The maps (absolute when `absolute`); NaN or inf is a NonFiniteError naming method, layer, samples."""
-        maps = sal.saliency_map(subject, images, labels, self.method, layer=layer).float()
+        try:
+            maps = sal.saliency_map(subject, images, labels, self.method, layer=layer, sample_ids=ids).float()
+        except NonFiniteError as exc:  # say which model: the trained one, or a randomised copy
+            raise NonFiniteError(f"{exc} (the {state} model)") from exc
         require_finite(maps, f"saliency map of the {state} model", method=self.method, layer=layer or "",
                        sample_ids=ids)
         return maps.abs() if self.absolute else maps

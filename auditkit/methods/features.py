@@ -358,7 +358,8 @@ def invariance(
 # -- dead units ---------------------------------------------------------------
 
 
-def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+def dead_units(subject, images: torch.Tensor, layers: Sequence[str],
+               sample_ids: Sequence[object] | None = None) -> dict[str, torch.Tensor]:
     """layer -> C bool tensor: channel c is dead when its output is constant, up to rounding, over every
     image, position and call of the layer: numerics.constant_rows (the project's one "constant up to
     rounding" rule) of the channel's values, max - min <= rtol * max(|max|, |min|).
@@ -371,7 +372,7 @@ def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str
     The channel is dimension 1 of the layer's output (N x C x ... ; for an N x C output each column is a
     channel). Each hook folds its output into a running per-channel minimum and maximum, kept in the
     layer's dtype (so the rounding tolerance is that dtype's), so no features are stored. An output
-    holding NaN or inf raises NonFiniteError naming the layer and the images.
+    holding NaN or inf raises NonFiniteError naming the layer and the images (by `sample_ids` when given).
     """
     if images.shape[0] == 0:
         raise ValueError("dead_units needs at least one image, got an empty batch")
@@ -387,8 +388,9 @@ def dead_units(subject, images: torch.Tensor, layers: Sequence[str]) -> dict[str
         per_channel = value.transpose(0, 1).flatten(1)
         lo, hi = per_channel.amin(dim=1).cpu(), per_channel.amax(dim=1).cpu()
         if value.is_floating_point() and not bool(torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            ids = list(sample_ids) if sample_ids is not None else list(range(images.shape[0]))
             require_finite(value, "layer output", method="dead_units", layer=name,
-                           sample_ids=list(range(start, start + value.shape[0])))
+                           sample_ids=ids[start:start + value.shape[0]])
         low[name] = lo if name not in low else torch.minimum(low[name], lo)
         high[name] = hi if name not in high else torch.maximum(high[name], hi)
 
