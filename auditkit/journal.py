@@ -3,7 +3,8 @@
 The process that writes the report (the controller under xdist) appends one
 JSON event a line to `.journal.jsonl` in the staging folder as the run goes:
 
-    {"event": "meta", "planned": [{"nodeid", "model", "check", "kind"}, ...], "started", "command", "config"}
+    {"event": "meta", "planned": [{"nodeid", "model", "check", "kind"}, ...], "started", "command", "config",
+     "config_not_read"}
     {"event": "deselected", "nodeids": [...]}          # -k / -m left these out
     {"event": "begin", "nodeid"}                       # a check started
     {"event": "result", "nodeid", "result", "model_info"}
@@ -62,13 +63,14 @@ def read_journal(staging: Path) -> Iterator[dict[str, Any]]:
                 return
 
 
-def finalise(staging: Path, target: Path, exit_status: int | None, *, died: str = "") -> Path | None:
+def finalise(staging: Path, target: Path, exit_status: int | None, *, died: str = "") -> Path:
     """Write the report of the journal in `staging` and publish it as `target`; returns index.html's path.
 
     `exit_status` is pytest's (None when the process died: then `died` says
-    how, and the check that was running gets an ERROR result). Returns None
-    and publishes nothing when the journal holds no result at all and the
-    run did not die.
+    how, and the check that was running gets an ERROR result). A run that
+    produced no result at all (Ctrl-C before the first one, -k matching no
+    check) is published too, as an incomplete report of 0 checks: an earlier
+    run's report must never stand for this one.
     """
     from auditkit.checks.base import CheckResult, Evidence, Status
     from auditkit.report import write_report
@@ -105,21 +107,21 @@ def finalise(staging: Path, target: Path, exit_status: int | None, *, died: str 
                 message=(event.get("longrepr") or "")[-2000:],
                 evidence=[Evidence.from_dict(e) for e in event.get("evidence", [])],
             ))
-    if died and running is not None and running not in results:
-        results[running] = _error_for(planned, running, f"the pytest process died while this check ran: {died}")
-    if not results and not tests and not died:
-        return None
-
     order = {item["nodeid"]: i for i, item in enumerate(planned)}
+    ran = sum(1 for nodeid in results if nodeid in order)  # finished: the one the process died in is not
+    died_in = running if died and running is not None and running not in results else None
+    if died_in is not None:
+        results[died_in] = _error_for(planned, died_in, f"the pytest process died while this check ran: {died}")
     ordered = sorted(results.items(), key=lambda kv: order.get(kv[0], len(order)))
     checks = [r for _, r in ordered]
-    ran = sum(1 for nodeid in results if nodeid in order)
     run = run_state(len(planned), ran, len(deselected & set(order)), exit_status, died=died,
-                    running=running if not died else None)
+                    running=died_in if died else running)
     models = {m: infos.get(m, {"name": m}) for m in meta_event.get("models", [])} or infos
     meta = report_meta(models, meta_event.get("started", time.time()), meta_event.get("command", ""))
     if meta_event.get("config"):
         meta["config"] = meta_event["config"]
+    if meta_event.get("config_not_read"):  # other files with a [tool.auditkit] table (see auditkit.config)
+        meta["config_not_read"] = meta_event["config_not_read"]
     meta["strict"] = bool(meta_event.get("strict", False))
     meta["run"] = run
     html, _ = write_report(checks + tests, meta, staging)
@@ -137,14 +139,18 @@ def _error_for(planned: list[dict[str, Any]], nodeid: str, message: str):
 
 def run_state(planned: int, ran: int, deselected: int, exit_status: int | None, *, died: str = "",
               running: str | None = None) -> dict[str, Any]:
-    """How complete the run was: {"exit_status", "exit_name", "planned", "ran", "deselected", "complete", "reason"}.
+    """How complete the run was: {"exit_status", "exit_name", "planned", "ran", "deselected", "complete",
+    "reason"}, and "died_in" (the check that was running, or None) when the process died.
 
-    complete <=> every planned check ran and the run was neither interrupted
-    nor killed; `reason` says in words why not.
+    `ran` counts the checks that finished with a result; `running` is the
+    check that was running when the run was interrupted or died. complete <=>
+    every planned check ran and the run was neither interrupted nor killed;
+    `reason` says in words why not.
     """
     reasons = []
     if died:
-        reasons.append(f"the pytest process ended before the audit finished ({died})")
+        reasons.append(f"the pytest process ended before the audit finished ({died})"
+                       + (f" while {running} ran" if running else ""))
     elif exit_status == 2:
         reasons.append("the run was interrupted" + (f" while {running} ran" if running else ""))
     elif exit_status not in (None, 0, 1, 5):
@@ -154,8 +160,11 @@ def run_state(planned: int, ran: int, deselected: int, exit_status: int | None, 
     missing = planned - ran - deselected
     if missing > 0 and not died and exit_status != 2:
         reasons.append(f"{missing} check(s) did not run (stopped early, e.g. -x / --maxfail)")
-    return {
+    state = {
         "exit_status": exit_status, "exit_name": EXIT_NAMES.get(exit_status, "DIED" if died else str(exit_status)),
         "planned": planned, "ran": ran, "deselected": deselected,
         "complete": not reasons and ran >= planned, "reason": "; ".join(reasons),
     }
+    if died:
+        state["died_in"] = running  # the check that was running when the process died (None: between checks)
+    return state

@@ -24,6 +24,7 @@ RESULT_KEY = pytest.StashKey["tuple"]()  # (result dict, model info) of an audit
 EVIDENCE_KEY = pytest.StashKey["list"]()  # evidence dicts a plain test recorded
 STRICT_KEY = pytest.StashKey[bool]()  # whether an INCONCLUSIVE check fails
 STAGING_INPUT = "auditkit_staging"  # xdist workerinput key: the run's staging folder
+CONFIG_INPUT = "auditkit_config"  # xdist workerinput key: the configuration file the controller read ("": none)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,7 +57,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not models:
         return
     from auditkit.checks.base import CheckConfigError
-    from auditkit.config import AuditConfigError, load_config
+    from auditkit.config import AuditConfigError
     from auditkit.reportdir import ReportFolderError, make_staging
     from auditkit.runner import AuditSession
 
@@ -78,7 +79,7 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         for name in models:
             MODELS.check_importable(name)
-        settings = load_config(config.getoption("audit_config"), invocation_dir)
+        settings = _load_settings(config, invocation_dir)
         dataset = config.getoption("audit_dataset") or settings.dataset
         if dataset and not DATASETS.has(dataset):
             raise pytest.UsageError(DATASETS.unknown_message(dataset))
@@ -102,6 +103,36 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(AuditReporter(config, session, staging, target), "auditkit-reporter")
 
 
+def _load_settings(config: pytest.Config, invocation_dir: Path):
+    """The audit configuration: --audit-config, else the [tool.auditkit] table found from what the
+    command line names (-c, --rootdir, path arguments) and the invocation directory, never from the
+    rootdir or configuration file pytest settled on by itself (auditkit.config.lookup_places).
+    An xdist worker reads the file its controller read."""
+    from auditkit.config import AuditConfig, holds_table, load_config
+
+    if _is_worker(config) and CONFIG_INPUT in config.workerinput:
+        chosen = config.workerinput[CONFIG_INPUT]
+        return load_config(chosen, invocation_dir) if chosen else AuditConfig()
+    explicit = config.getoption("audit_config")
+    if explicit is not None:
+        return load_config(explicit, invocation_dir)
+    args = list(config.args) if config.args_source == pytest.Config.ArgsSource.ARGS else []
+    settings = load_config(None, invocation_dir, inifile=config.getoption("inifilename"),
+                           rootdir=config.getoption("rootdir"), args=args)
+    # pytest's own choices, where they hold a table that was not read: say so (pytest takes an
+    # option value such as --audit-report /other/project/reports for a path and moves them there;
+    # that is why they are not followed)
+    seen = {Path(file).resolve() for file in (settings.source, *(f for f, _ in settings.not_read))}
+    pytest_choices = [(config.inipath, "pytest's configfile"),
+                      (config.rootpath / "pyproject.toml", "in pytest's rootdir")]
+    for file, how in pytest_choices:
+        if file is not None and Path(file).resolve() not in seen and holds_table(file):
+            seen.add(Path(file).resolve())
+            settings.not_read.append((str(file), f"{how}, which auditkit does not follow: it looks from -c, "
+                                                  f"--rootdir, the path arguments and the invocation directory"))
+    return settings
+
+
 def _check_device(option: str | None, settings: Any) -> None:
     """A usage error, naming where the device came from, when --audit-device (else the file's device)
     is not a device this machine has; xdist's controller checks it before any worker starts."""
@@ -120,7 +151,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if session is None or _is_worker(config):
         return None
     reporter = config.pluginmanager.get_plugin("auditkit-reporter")
-    lines = [f"auditkit: configuration {session.config.source}"]
+    lines = [f"auditkit: {line}" for line in session.config.describe()]
     if reporter is not None:
         lines.append(f"auditkit: report to {_display_path(reporter.target)}")
     return lines
@@ -387,6 +418,7 @@ class AuditReporter:
         self.journal.write(
             "meta", models=session.models, started=session.started, command=_command(config),
             config=session.config.source, strict=config.stash.get(STRICT_KEY, False),
+            config_not_read="; ".join(f"{file} ({how})" for file, how in session.config.not_read),
             planned=[{"nodeid": n, "model": m, "check": c.name, "kind": c.kind} for n, (m, c) in self.planned.items()],
         )
         self.watchdog = watchdog.start(staging, target)
@@ -395,6 +427,8 @@ class AuditReporter:
     def pytest_configure_node(self, node: Any) -> None:
         """xdist: every worker writes its evidence into this run's staging folder."""
         node.workerinput[STAGING_INPUT] = str(self.staging)
+        settings = _session(self.config).config
+        node.workerinput[CONFIG_INPUT] = settings.source if settings.folder is not None else ""
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
@@ -437,9 +471,12 @@ class AuditReporter:
                 self.journal.write("deselected", nodeids=missing)
         self.journal.close()
         try:
-            self.written = finalise(self.staging, self.target, int(exitstatus))
-            if self.written is None:
-                discard(self.staging)
+            if self.config.getoption("collectonly"):
+                discard(self.staging)  # nothing ran, nothing was meant to: the published report stays
+            else:
+                # always, even with no result (Ctrl-C before the first, -k matching no check): the
+                # report of an earlier run must not stand for this one
+                self.written = finalise(self.staging, self.target, int(exitstatus))
         finally:
             self.finished = True
             watchdog.stop(self.watchdog)
@@ -467,7 +504,7 @@ class AuditReporter:
             if r.kind != "test":
                 terminalreporter.write_line(f"{r.model}: {r.summary()}")
         counts = ", ".join(f"{n} {status}" for status, n in meta["counts"].items() if n and status != "total")
-        terminalreporter.write_line(f"audit: {counts}")
+        terminalreporter.write_line(f"audit: {counts or 'no check ran'}")
         undecided = meta["counts"].get("inconclusive", 0)
         if undecided:
             terminalreporter.write_line(
@@ -478,6 +515,8 @@ class AuditReporter:
         if not run.get("complete", True):
             terminalreporter.write_line(
                 f"audit INCOMPLETE: {run.get('ran')} of {run.get('planned')} checks ran; {run.get('reason')}", yellow=True)
+        for line in _session(self.config).config.describe()[1:]:
+            terminalreporter.write_line(f"audit configuration {line}", yellow=True)
         terminalreporter.write_line(f"report: {_display_path(html)} (audit.json beside it)")
 
 

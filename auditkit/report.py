@@ -34,11 +34,12 @@ _ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.INCONCLUSIVE: 2, Status.PASS
 # Meta keys shown in the header (in this order); other keys go to the environment list.
 _HEADER_KEYS = ("models", "dataset", "device", "torch_version", "started", "duration_s")
 _ENV_KEYS = ("auditkit_version", "python_version", "torch_version", "platform", "device", "command", "git_commit",
-             "config")
+             "config", "config_not_read")
 _ENV_LABELS = {
     "auditkit_version": "auditkit", "python_version": "Python", "torch_version": "PyTorch",
     "platform": "Platform", "device": "Device", "command": "Command", "git_commit": "Git commit",
     "config": "Configuration", "dataset": "Audit set", "started": "Started", "duration_s": "Duration", "models": "Models",
+    "config_not_read": "Configuration not read",
 }
 
 

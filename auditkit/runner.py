@@ -5,10 +5,12 @@ own: `AuditSession(["demo"]).run_all()` runs the configured suite.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +117,8 @@ class AuditSession:
             return result
         subject.progress = progress
         try:
-            result = check.execute(subject, data)
+            with no_process_exit(check.name):
+                result = check.execute(subject, data)
         finally:
             subject.progress = None
         result.model = model
@@ -145,6 +148,32 @@ class AuditSession:
         for subject in self._subjects.values():
             subject.close()
         self._subjects.clear()
+
+
+class ProcessExitError(RuntimeError):
+    """A check called os._exit(): it would end the run with that status (0: a green exit) and no report."""
+
+
+@contextlib.contextmanager
+def no_process_exit(check: str):
+    """While a check runs, os._exit() called from this thread raises ProcessExitError instead, so
+    the check is an ERROR and the run goes on (os._exit(0) would end pytest with status 0, which no
+    report or watchdog can change for the shell that waits for it). Other threads, and children
+    forked by the check (multiprocessing, DataLoader workers), still exit as they ask."""
+    real = os._exit
+    pid, thread = os.getpid(), threading.get_ident()
+
+    def guarded(status: int) -> None:
+        if os.getpid() != pid or threading.get_ident() != thread:
+            real(status)
+        raise ProcessExitError(f"check {check!r} called os._exit({status}), which would end the pytest "
+                               f"process with status {status} before any report; a check must return a result")
+
+    os._exit = guarded
+    try:
+        yield
+    finally:
+        os._exit = real
 
 
 def report_meta(model_infos: dict[str, dict[str, Any]], started: float, command: str = "") -> dict[str, Any]:

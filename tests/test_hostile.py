@@ -51,6 +51,12 @@ HOSTILE_CHECKS = textwrap.dedent("""
         def run(self, subject, audit_set):
             os.kill(os.getpid(), self.signal)
 
+    @auditkit.register_check("exit-zero")
+    @dataclass
+    class ExitZero(auditkit.Check):
+        def run(self, subject, audit_set):
+            os._exit(0)
+
     @auditkit.register_check("interrupt")
     @dataclass
     class Interrupt(auditkit.Check):
@@ -65,6 +71,17 @@ HOSTILE_CHECKS = textwrap.dedent("""
             with torch.no_grad():
                 subject.module(torch.randn(8, 3, 16, 16) * 5 + 3)
             return self.info_result(message="ran the model in train mode")
+""")
+
+
+# A gate the built-in demo model fails (its occlusion margin is about 0.7), named so the header shows it was read.
+DEMO_GATE = textwrap.dedent("""
+    [tool.auditkit]
+    device = "cpu"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    name = "project-gate"
+    min_margin = 0.99
 """)
 
 
@@ -121,6 +138,79 @@ def test_config_is_found_from_a_subdirectory(project, monkeypatch):
     assert (project.path / "audit-report" / "audit.json").is_file()  # beside the configuration file
 
 
+def test_inifile_given_with_c_from_outside_keeps_the_projects_gate(project, monkeypatch, tmp_path_factory):
+    project.makepyprojecttoml(DEMO_GATE)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    result = project.runpytest("--audit-model", "demo", "-c", str(project.path / "pyproject.toml"))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # the project's gate, not the default suite (exit 0)
+    result.stdout.fnmatch_lines([f"auditkit: configuration {project.path / 'pyproject.toml'} (found in pytest's -c *)"])
+    data = report_json(project)  # beside the configuration file
+    assert [r["check"] for r in data["results"]] == ["project-gate"]
+    assert data["meta"]["config"] == str(project.path / "pyproject.toml")
+
+
+def test_rootdir_given_from_outside_keeps_the_projects_gate(project, monkeypatch, tmp_path_factory):
+    project.makepyprojecttoml(DEMO_GATE)
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    result = project.runpytest("--audit-model", "demo", f"--rootdir={project.path}", "--collect-only")
+    result.stdout.fnmatch_lines([f"auditkit: configuration {project.path / 'pyproject.toml'} "
+                                 f"(found upward from --rootdir {project.path})", "*<AuditItem project-gate>*"])
+    assert "collected 1 item" in result.stdout.str()
+
+
+def test_path_argument_from_the_parent_keeps_the_projects_gate(project, monkeypatch):
+    project.makepyprojecttoml(DEMO_GATE)
+    project.mkdir("sub")
+    monkeypatch.chdir(project.path.parent)  # pytest proj/sub: pytest's configfile is proj/pyproject.toml
+    result = project.runpytest(f"{project.path.name}/sub", "--audit-model", "demo", "--collect-only")
+    result.stdout.fnmatch_lines([f"auditkit: configuration {project.path / 'pyproject.toml'} "
+                                 f"(found upward from the path argument(s) {project.path.name}/sub)",
+                                 "*<AuditItem project-gate>*"])
+    assert "collected 1 item" in result.stdout.str()
+
+
+def test_report_folder_in_another_project_is_not_its_configuration(project, tmp_path_factory):
+    """pytest takes the space-separated --audit-report value for a test path and makes the other
+    project's pyproject.toml its configfile: the invocation directory's gate is read, the other named."""
+    project.makepyprojecttoml(DEMO_GATE)
+    other = tmp_path_factory.mktemp("other")
+    (other / "pyproject.toml").write_text('[tool.pytest.ini_options]\n[tool.auditkit]\ndevice = "cpu"\n'
+                                          '[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nname = "other-gate"\n')
+    (other / "reports").mkdir()
+    result = project.runpytest("--audit-model", "demo", "--audit-report", str(other / "reports"), "--collect-only")
+    result.stdout.fnmatch_lines([f"auditkit: configuration {project.path / 'pyproject.toml'}",
+                                 "configfile: pyproject.toml", "*<AuditItem project-gate>*"])
+    assert (f"auditkit: not read: {other / 'pyproject.toml'}, which also has [tool.auditkit] (pytest's configfile"
+            in result.stdout.str())
+
+
+def test_configuration_lookup_order(tmp_path):
+    from auditkit.config import load_config
+
+    table = '[tool.auditkit]\n[[tool.auditkit.checks]]\nkind = "occlusion-drop"\nname = "{}"\n'
+    proj, pkg, elsewhere = tmp_path / "proj", tmp_path / "proj" / "pkg", tmp_path / "elsewhere"
+    for folder in (pkg / "tests", elsewhere):
+        folder.mkdir(parents=True)
+    (proj / "pyproject.toml").write_text(table.format("proj"))
+    (pkg / "pyproject.toml").write_text(table.format("pkg"))
+    (proj / "pytest.ini").write_text("[pytest]\n")
+    (elsewhere / "gate.toml").write_text(table.format("gate"))
+
+    def name(config):
+        return config.checks[0]["name"] if config.checks else None
+
+    assert name(load_config(None, proj)) == "proj"
+    nested = load_config(None, proj, args=["pkg/tests", "-x"])  # the path argument's project, as pytest reads it
+    assert name(nested) == "pkg" and nested.not_read == [(str(proj / "pyproject.toml"), "upward from the invocation directory")]
+    assert name(load_config(None, elsewhere, inifile=str(proj / "pytest.ini"))) == "proj"  # not TOML: its folder
+    assert name(load_config(None, proj, inifile=str(elsewhere / "gate.toml"))) == "gate"  # -c wins over the cwd
+    assert name(load_config(None, elsewhere, rootdir=str(pkg), args=[str(proj)])) == "pkg"  # --rootdir over args
+    assert name(load_config("gate.toml", elsewhere, inifile=str(proj / "pytest.ini"))) == "gate"  # --audit-config first
+    defaults = load_config(None, elsewhere, args=[str(elsewhere)])
+    assert defaults.folder is None and defaults.found_by.startswith("looked upward from the path argument(s)")
+
+
 # -- 2 and 3. crashes and incomplete runs -------------------------------------------------------
 
 
@@ -132,6 +222,7 @@ def test_a_check_that_kills_the_process_leaves_a_report_that_says_so(hostile, si
     data = wait_for_report(hostile.path / "audit-report")
     run = data["meta"]["run"]
     assert data["meta"]["overall"] == "incomplete" and run["complete"] is False and run["planned"] == 3
+    assert run["ran"] == 2 and run["died_in"] == "audit[good]::kill-self"  # the killed check did not finish
     assert "ended before the audit finished" in run["reason"]
     by_check = {r["check"]: r for r in data["results"]}
     assert by_check["kill-self"]["status"] == "error" and "died while this check ran" in by_check["kill-self"]["message"]
@@ -150,6 +241,64 @@ def test_interrupted_run_is_incomplete_not_passed(hostile):
     assert data["meta"]["overall"] == "incomplete" and run["exit_name"] == "INTERRUPTED"
     assert run["planned"] == 3 and run["ran"] == 1 and "interrupted" in run["reason"]
     assert "Incomplete run" in (hostile.path / "audit-report" / "index.html").read_text()
+
+
+def test_a_check_that_calls_os_exit_0_is_an_error_not_a_green_exit(hostile):
+    hostile.makepyprojecttoml(gate("exit-zero"))
+    result = hostile.runpytest_subprocess("--audit-model", "good", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED  # it was 0: the process ended green, mid-run
+    data = report_json(hostile)
+    by_check = {r["check"]: r for r in data["results"]}
+    assert by_check["exit-zero"]["status"] == "error" and "called os._exit(0)" in by_check["exit-zero"]["message"]
+    assert data["meta"]["run"]["complete"] is True and len(data["results"]) == 3
+
+
+GREEN = textwrap.dedent("""
+    [tool.auditkit]
+    dataset = "halves"
+    device = "cpu"
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    baseline = "zero"
+""")
+
+
+def test_interrupt_before_the_first_result_replaces_an_earlier_green_report(hostile):
+    (hostile.path / "green.toml").write_text(GREEN)
+    assert hostile.runpytest("--audit-model", "good", "--audit-config", "green.toml").ret == pytest.ExitCode.OK
+    assert report_json(hostile)["meta"]["overall"] == "passed"
+    (hostile.path / "first.toml").write_text(GREEN.replace("[[tool.auditkit.checks]]", '[[tool.auditkit.checks]]\nkind = "interrupt"\n[[tool.auditkit.checks]]', 1))
+    result = hostile.runpytest("--audit-model", "good", "--audit-config", "first.toml", no_reraise_ctrlc=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    data = report_json(hostile)  # this run's, not the green one
+    run = data["meta"]["run"]
+    assert data["meta"]["overall"] == "incomplete" and data["results"] == []
+    assert (run["planned"], run["ran"], run["exit_name"]) == (2, 0, "INTERRUPTED")
+    assert "interrupted while audit[good]::interrupt ran" in run["reason"]
+    assert data["meta"]["config"].endswith("first.toml")
+    assert "Incomplete run" in (hostile.path / "audit-report" / "index.html").read_text()
+    assert not list((hostile.path / "audit-report" / "evidence").iterdir())
+
+
+def test_k_matching_no_check_replaces_an_earlier_report(project):
+    project.runpytest("--audit-model", "good")
+    result = project.runpytest("--audit-model", "good", "-k", "nomatch")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+    data = report_json(project)
+    run = data["meta"]["run"]
+    assert data["meta"]["overall"] == "incomplete" and data["results"] == []
+    assert (run["planned"], run["ran"], run["deselected"], run["exit_name"]) == (2, 0, 2, "NO_TESTS_COLLECTED")
+    result.stdout.fnmatch_lines(["audit: no check ran", "audit INCOMPLETE: 0 of 2 checks ran; 2 check(s) were deselected*"])
+
+
+def test_collect_only_and_no_audit_model_leave_the_published_report(project):
+    project.runpytest("--audit-model", "good")
+    before = (project.path / "audit-report" / "audit.json").read_text()
+    assert project.runpytest("--audit-model", "good", "--collect-only").ret == pytest.ExitCode.OK
+    project.makepyfile(test_plain="def test_plain():\n    pass\n")
+    assert project.runpytest("test_plain.py").ret == pytest.ExitCode.OK
+    assert (project.path / "audit-report" / "audit.json").read_text() == before
+    assert sorted(p.name for p in project.path.glob(".audit-report*")) == []
 
 
 def test_exitfirst_run_records_the_checks_that_did_not_run(project):
@@ -230,6 +379,121 @@ def test_publishing_replaces_the_whole_folder(tmp_path):
     assert (target / "index.html").read_text() == "second"
     assert [p.name for p in (target / "evidence").iterdir()] == ["second.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-report"]
+
+
+def test_report_folders_are_readable_under_umask_077(tmp_path):
+    from auditkit.reportdir import make_staging, publish
+
+    target = tmp_path / "audit-report"
+    old = os.umask(0o077)
+    try:
+        staging = make_staging(target)
+        (staging / "evidence" / "x.png").write_bytes(b"png")
+        publish(staging, target)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o755
+    assert stat.S_IMODE((target / "evidence").stat().st_mode) == 0o755  # it was 0700 under umask 077
+
+
+class _Killed(BaseException):
+    """Stands for a kill -9: nothing after it runs in the process."""
+
+
+def _run_killed_between_the_renames(tmp_path, monkeypatch):
+    """A finished run of one passing check whose publish() is cut between moving the previous report
+    aside and moving the new one in; returns (staging, target)."""
+    from auditkit import reportdir
+    from auditkit.checks.base import CheckResult, Status
+    from auditkit.journal import Journal, finalise
+
+    target = tmp_path / "audit-report"
+    previous = reportdir.make_staging(target)
+    (previous / "index.html").write_text("previous run")
+    (previous / "audit.json").write_text("{}")
+    reportdir.publish(previous, target)
+    staging = reportdir.make_staging(target)
+    journal = Journal(staging)
+    journal.write("meta", models=["m"], started=time.time(), command="pytest", config="cfg",
+                  planned=[{"nodeid": "audit[m]::c", "model": "m", "check": "c", "kind": "k"}])
+    journal.write("begin", nodeid="audit[m]::c")
+    (staging / "evidence" / "c.png").write_bytes(b"png")
+    result = CheckResult(check="c", kind="k", model="m", status=Status.PASSED, message="fine")
+    journal.write("result", nodeid="audit[m]::c", result=result.to_dict(), model_info={"name": "m"})
+    journal.close()
+    rename = os.rename
+
+    def killed_at_the_second_rename(src, dst, *args, **kwargs):
+        if Path(src) == staging:
+            raise _Killed
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(reportdir.os, "rename", killed_at_the_second_rename)
+    with pytest.raises(_Killed):
+        finalise(staging, target, 0)
+    monkeypatch.setattr(reportdir.os, "rename", rename)
+    assert not target.exists() and staging.is_dir() and list(tmp_path.glob(".audit-report.old-*"))
+    return staging, target
+
+
+def _assert_the_killed_run_is_published(tmp_path, target):
+    data = json.loads((target / "audit.json").read_text())
+    assert [(r["check"], r["status"]) for r in data["results"]] == [("c", "passed")]
+    assert data["meta"]["run"]["complete"] is True and data["meta"]["overall"] == "passed"
+    assert [p.name for p in (target / "evidence").iterdir()] == ["c.png"]
+    assert "previous run" not in (target / "index.html").read_text()
+    assert not list(tmp_path.glob(".audit-report.old-*"))  # the previous report set aside is gone
+
+
+def test_kill_between_the_renames_of_publish_is_finished_by_the_watchdog(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from auditkit import watchdog
+
+    staging, target = _run_killed_between_the_renames(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))  # the pipe closed without "done"
+    assert watchdog.main([str(staging), str(target), str(os.getpid())]) == 0
+    _assert_the_killed_run_is_published(tmp_path, target)  # it was an empty report beside unlisted evidence
+    assert not list(tmp_path.glob(".audit-report.tmp-*"))
+
+
+def test_kill_between_the_renames_without_a_watchdog_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    from auditkit.reportdir import make_staging
+
+    staging, target = _run_killed_between_the_renames(tmp_path, monkeypatch)
+    for path in tmp_path.glob(".audit-report.*"):  # as if their process (and its watchdog) were gone
+        path.rename(path.with_name(path.name.replace(f"-{os.getpid()}-", "-999999999-")))
+    new = make_staging(target)
+    _assert_the_killed_run_is_published(tmp_path, target)
+    assert [p.name for p in tmp_path.glob(".audit-report.*")] == [new.name]
+
+
+def test_sigkill_between_the_renames_of_publish_leaves_that_runs_report(project):
+    project.makeconftest(CONFTEST + textwrap.dedent("""
+        import os, signal
+        _rename = os.rename
+
+        def rename(src, dst, *args, **kwargs):
+            if ".tmp-" in os.path.basename(str(src)) and not os.path.basename(str(dst)).startswith("."):
+                os.kill(os.getpid(), signal.SIGKILL)  # the previous report is aside, the new one not yet in
+            return _rename(src, dst, *args, **kwargs)
+
+        os.rename = rename
+    """))
+    (project.path / "audit-report").mkdir()
+    (project.path / "audit-report" / "index.html").write_text("previous run")
+    result = project.runpytest_subprocess("--audit-model", "good", "-p", "no:cacheprovider")
+    assert result.ret not in (0, 1)  # killed
+    data = wait_for_report(project.path / "audit-report")
+    assert sorted(r["check"] for r in data["results"]) == ["occlusion-drop", "occlusion-grey"]
+    assert data["meta"]["run"]["exit_name"] == "TESTS_FAILED" and data["meta"]["overall"] == "failed"
+    listed = {Path(e["path"]).name for r in data["results"] for e in r["evidence"]}
+    assert {p.name for p in (project.path / "audit-report" / "evidence").iterdir()} == listed
+    deadline = time.monotonic() + 30
+    while list(project.path.glob(".audit-report.*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(project.path.glob(".audit-report.*"))
 
 
 def test_abandoned_staging_folders_are_cleaned_up(tmp_path):

@@ -204,3 +204,15 @@ def test_evidence_only_results_sort_last_and_show_an_evidence_badge(tmp_path: Pa
     assert 'class="badge info"' in page and "1</b> evidence only" in page
     meta, results = read_report_json(json_path)
     assert meta["counts"]["info"] == 1 and results[-1].status is Status.INFO
+
+
+def test_incomplete_run_of_no_check_and_unread_configuration_are_shown(tmp_path: Path) -> None:
+    run = {"exit_status": 2, "exit_name": "INTERRUPTED", "planned": 3, "ran": 0, "deselected": 0,
+           "complete": False, "reason": "the run was interrupted while audit[m]::c ran"}
+    meta = {**META, "run": run, "config": "/p/pyproject.toml", "config_not_read": "/q/pyproject.toml (pytest's configfile)"}
+    html_path, json_path = write_report([], meta, tmp_path)
+    page = html_path.read_text(encoding="utf-8")
+    assert "Incomplete run" in page and "0 of 3 planned checks ran" in page and "INTERRUPTED" in page
+    assert "Configuration not read" in page and "/q/pyproject.toml (pytest&#39;s configfile)" in page
+    meta_read, results = read_report_json(json_path)
+    assert meta_read["overall"] == "incomplete" and results == []
