@@ -27,8 +27,9 @@ from torch import nn
 
 from auditkit.cache import ResultCache, content_digest
 from auditkit.config import parse_memory
+from auditkit.layers import NAME_LAYERS_HINT, LayerView, discover_layers, first_tensor, patch_size, unwrap, view_of
 from auditkit.progress import report
-from auditkit.spec import ModelSpec
+from auditkit.spec import AuditModelError, ModelSpec
 
 log = logging.getLogger("auditkit")
 
@@ -82,10 +83,6 @@ def value_and_gradient(objective: Objective, pixels: torch.Tensor, rows: slice,
         grad = torch.autograd.grad(total.sum(), x)[0] if total.requires_grad else torch.zeros_like(x)
     detached = {k: v.detach() for k, v in value.items()} if isinstance(value, dict) else value.detach()
     return grad, detached
-
-
-class AuditModelError(ValueError):
-    """The model cannot be audited as declared; the message names the model and what was expected."""
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -268,26 +265,6 @@ def _single_device(module: nn.Module) -> torch.device | None:
     return devices.pop() if len(devices) == 1 else None
 
 
-def discover_layers(module: nn.Module) -> list[str]:
-    """Default depth-wise layers: the top-level stages that contain a convolution.
-
-    Descends while a single child holds all the convolutions (as in
-    torchvision's `features` Sequentials), then returns the names of the
-    children that contain one, in order (resnet18: conv1, layer1 .. layer4).
-    """
-    def has_conv(m: nn.Module) -> bool:
-        return any(isinstance(s, nn.modules.conv._ConvNd) for s in m.modules())
-
-    prefix, current = "", module
-    while True:
-        children = [(n, c) for n, c in current.named_children() if has_conv(c)]
-        if len(children) == 1 and list(children[0][1].children()):
-            name, current = children[0]
-            prefix = f"{prefix}{name}."
-            continue
-        return [f"{prefix}{n}" for n, _ in children]
-
-
 class Subject:
     """A model under audit: device, eval mode, normalisation, layers, hooks, batched forward."""
 
@@ -306,17 +283,71 @@ class Subject:
         self._backward_cost: int | None = None  # measured once per open (backward_cost)
         self._mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1)
         self._std = torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1)
-        names = dict(spec.module.named_modules())
-        layers = list(spec.layers) if spec.layers is not None else discover_layers(spec.module)
-        for layer in layers:
-            if layer not in names:
-                raise AuditModelError(self._unknown_layer_message(layer))
-        self.layers: tuple[str, ...] = tuple(layers)
+        self._views: dict[tuple, LayerView] = {}  # how each layer's output reads as a grid (layer_view)
+        self._patch: int | None = None  # the model's patch size, 0 for none (layers.patch_size), found once
+        self._probing = False  # True during the layer probe: the hooks of forward_hook stay quiet
+        self._layers: tuple[str, ...] | None = None
+        if spec.layers is not None:
+            self._layers = tuple(self._own_name(layer) for layer in spec.layers)
+            names = dict(self.module.named_modules())
+            for layer in self._layers:
+                if layer not in names:
+                    raise AuditModelError(self._unknown_layer_message(layer))
 
     # -- lifecycle -------------------------------------------------------
     @property
     def module(self) -> nn.Module:
-        return self.spec.module
+        """The module audited: spec.module, unwrapped from DataParallel / DDP / torch.compile (layers.unwrap)."""
+        return unwrap(self.spec.module)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The depth-wise layers, shallow to deep: spec.layers, else found by layers.discover_layers in one
+        forward of a grey image (made once, opening the Subject for it when closed)."""
+        if self._layers is None:
+            with self._opened():
+                found = discover_layers(self.module, self._probe_forward, self.spec.input_size)
+            self._layers = tuple(found)
+        return self._layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's floating dtype (its first floating parameter or buffer; float32 when it has none):
+        the Subject feeds it pixels of that dtype and reads every output back as float32."""
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def _own_name(self, layer: str) -> str:
+        """A layer name relative to the audited module: a wrapper's prefix ("module.", "_orig_mod.") dropped."""
+        if self.module is not self.spec.module and layer not in dict(self.module.named_modules()):
+            for prefix in ("module.", "_orig_mod."):
+                while layer.startswith(prefix):
+                    layer = layer[len(prefix):]
+        return layer
+
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[None]:
+        """The Subject open for the block: as it was when already open, else opened and closed again."""
+        if self.is_open:
+            yield
+            return
+        self.open()
+        try:
+            yield
+        finally:
+            self.close()
+
+    def _probe_forward(self) -> object:
+        """One forward of a grey image at the input size, no grad; what the module returned."""
+        image = torch.full((1, len(self.spec.mean), *self.spec.input_size), 0.5, device=self.device)
+        self._probing = True
+        try:
+            with torch.no_grad():
+                return self.module(self.normalise(image).to(self.dtype))
+        finally:
+            self._probing = False
 
     @property
     def name(self) -> str:
@@ -477,12 +508,7 @@ class Subject:
                 f"model {self.name!r}: input has shape {tuple(pixels.shape)}, expected N x {channels} x H x W pixels"
             )
 
-    def _check_output(self, out: object, n: int) -> torch.Tensor:
-        if not isinstance(out, torch.Tensor):
-            raise AuditModelError(
-                f"model {self.name!r}: forward returned {type(out).__name__}, expected a tensor of "
-                f"N x {self.spec.num_classes} class scores (logits)"
-            )
+    def _check_output(self, out: torch.Tensor, n: int) -> torch.Tensor:
         if out.shape != (n, self.spec.num_classes):
             raise AuditModelError(
                 f"model {self.name!r}: output has shape {tuple(out.shape)}, expected ({n}, {self.spec.num_classes}) "
@@ -497,11 +523,14 @@ class Subject:
         return out
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Logits for one batch, autograd as the caller's context allows (no chunking)."""
+        """Logits for one batch as float32, autograd as the caller's context allows (no chunking). The
+        model gets (pixels - mean) / std in its own dtype (Subject.dtype); its output goes through
+        spec.output (ModelSpec.select_output)."""
         self._require_open()
         self._check_input(pixels)
         pixels = pixels.to(self.device, torch.float32)
-        return self._check_output(self.module(self.normalise(pixels)), pixels.shape[0])
+        out = self.spec.select_output(self.module(self.normalise(pixels).to(self.dtype)))
+        return self._check_output(out, pixels.shape[0]).float()
 
     # -- batching: the one chunk loop, with the out-of-memory fallback ------------------
     def chunks(self, total: int, work: Callable[[slice], T], *, cost: int = 1) -> Iterator[T]:
@@ -667,19 +696,43 @@ class Subject:
     def _unknown_layer_message(self, layer: str) -> str:
         names = [n for n, _ in self.spec.module.named_modules() if n]
         shown = ", ".join(names[:60]) + (f", ... ({len(names)} in all)" if len(names) > 60 else "")
-        return f"model {self.spec.name!r} has no layer {layer!r}; available layers: {shown}"
+        return f"model {self.spec.name!r} has no layer {layer!r}; available layers: {shown}; {NAME_LAYERS_HINT}"
 
     def layer(self, name: str) -> nn.Module:
         """The submodule called `name` (as in named_modules()); unknown names list the valid ones."""
         modules = dict(self.module.named_modules())
+        name = self._own_name(name)
         if name not in modules:
             raise AuditModelError(self._unknown_layer_message(name))
         return modules[name]
 
+    def layer_view(self, name: str, out: object) -> LayerView:
+        """How `out`, an output of layer `name`, reads as N x C x h x w float32 (layers.view_of at the
+        input size: tokens folded into their grid, channels-last transposed, a tuple's first tensor);
+        decided once per layer and output shape."""
+        t = first_tensor(out)
+        key = (name, None if t is None else tuple(t.shape[1:]))
+        if key not in self._views:
+            if self._patch is None:
+                self._patch = patch_size(self.module) or 0
+            self._views[key] = view_of(out, self.spec.input_size, self._patch or None)
+        return self._views[key]
+
     @contextlib.contextmanager
-    def forward_hook(self, layer: str, fn: Callable[[nn.Module, tuple, object], object]) -> Iterator[None]:
-        """Register a forward hook on `layer` for the duration of the block; always removed."""
-        handle = self.layer(layer).register_forward_hook(fn)
+    def forward_hook(self, layer: str, fn: Callable[[nn.Module, tuple, object], object], *,
+                     raw: bool = False) -> Iterator[None]:
+        """Call fn(module, inputs, output) after each forward of `layer` inside the block; always removed.
+
+        `output` is the layer's output as layer_view reads it (N x C x h x w float32 for a feature map,
+        tokens or channels-last; the output itself when it holds no tensor), or as the module returned
+        it with raw=True. What fn returns is ignored: the model's forward is never changed.
+        """
+        module = self.layer(layer)
+
+        def hook(m: nn.Module, inputs: tuple, out: object) -> None:
+            if not self._probing:
+                fn(m, inputs, out if raw else self.layer_view(layer, out).grid(out))
+        handle = module.register_forward_hook(hook)
         try:
             yield
         finally:
@@ -693,18 +746,13 @@ class Subject:
         detach=False). Hooks are removed when the block ends, even on error.
         """
         captured: dict[str, torch.Tensor] = {}
-        modules = [(name, self.layer(name)) for name in layers]
-        handles = []
-        try:
-            for name, module in modules:
+        with contextlib.ExitStack() as stack:
+            for name in layers:
                 def hook(_m: nn.Module, _inp: tuple, out: object, name: str = name) -> None:
                     if isinstance(out, torch.Tensor):
                         captured[name] = out.detach() if detach else out
-                handles.append(module.register_forward_hook(hook))
+                stack.enter_context(self.forward_hook(name, hook))
             yield captured
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def describe(self) -> dict[str, object]:
         """Name, version, device and layers, for the report header."""

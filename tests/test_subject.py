@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from auditkit import ModelSpec
-from auditkit.subject import AuditModelError, Subject, discover_layers
+from auditkit.subject import AuditModelError, Subject
 from tests.toys import SmallNet
 
 HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -167,8 +167,11 @@ def test_device_errors():
 def test_discovered_layers_for_torchvision_models():
     import torchvision
 
-    assert discover_layers(torchvision.models.resnet18(num_classes=2)) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
-    assert discover_layers(torchvision.models.vgg11(num_classes=2))[:2] == ["features.0", "features.3"]
+    def found(module):
+        return list(Subject(ModelSpec(module, class_names=["a", "b"], input_size=(64, 64)), device="cpu").layers)
+
+    assert found(torchvision.models.resnet18(num_classes=2)) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
+    assert found(torchvision.models.vgg11(num_classes=2))[:2] == ["features.0", "features.3"]
 
 
 @pytest.mark.gpu

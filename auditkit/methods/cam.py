@@ -6,9 +6,10 @@ For the activation A (N x K x h x w) of a layer and the target logit f_t:
     map = relu(sum_k w_k A_k)                     (h x w)
 
 then bilinearly upsampled to the input size (align_corners=False). A is
-captured by a forward hook that keeps the graph (``subject.capture(...,
-detach=False)``) and d f_t / d A comes from torch.autograd.grad: no backward
-hooks on modules, the model is never changed. The maps are checked by numerics.require_finite: a
+captured by a forward hook that keeps the graph (``subject.forward_hook(...,
+raw=True)``) and d f_t / d A comes from torch.autograd.grad: no backward
+hooks on modules, the model is never changed. A token or channels-last
+output is read as its grid (Subject.layer_view), A and its gradient alike. The maps are checked by numerics.require_finite: a
 NaN or inf raises NonFiniteError naming the method, the layer and the samples.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from auditkit.layers import NAME_LAYERS_HINT, first_tensor
 from auditkit.methods.gradients import _check
 from auditkit.methods.numerics import require_finite
 
@@ -25,18 +27,27 @@ __all__ = ["grad_cam"]
 
 
 def _cam_chunk(subject, pixels: torch.Tensor, targets: torch.Tensor, layer: str) -> torch.Tensor:
-    """relu(sum_k w_k A_k) at the layer's resolution, N x h x w on the Subject's device."""
+    """relu(sum_k w_k A_k) at the layer's resolution, N x h x w on the Subject's device; A is the layer's
+    output as Subject.layer_view reads it (tokens as their grid), its gradient read the same way."""
     x = pixels.detach().to(subject.device, torch.float32).clone().requires_grad_(True)
     t = targets.to(subject.device).view(-1, 1)
-    with torch.enable_grad(), subject.capture([layer], detach=False) as acts:
+    raw: dict[str, torch.Tensor | None] = {}
+
+    def keep(_m, _inputs, out) -> None:
+        raw["out"] = first_tensor(out)
+    with torch.enable_grad(), subject.forward_hook(layer, keep, raw=True):
         logits = subject.forward(x)
-        if layer not in acts:
-            raise ValueError(f"layer {layer!r} of model {subject.name!r} did not output a tensor in the forward")
-        a = acts[layer]
+        out = raw.get("out")
+        if out is None:
+            raise ValueError(f"layer {layer!r} of model {subject.name!r} did not output a tensor in the forward; "
+                             f"{NAME_LAYERS_HINT}")
+        view = subject.layer_view(layer, out)
+        a = view.grid(out)
         if a.ndim != 4:
-            raise ValueError(f"layer {layer!r} outputs shape {tuple(a.shape)}, Grad-CAM needs N x K x h x w")
-        (grad,) = torch.autograd.grad(logits.gather(1, t).sum(), a)
-    weights = grad.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of d f_t / d A_k
+            raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}, Grad-CAM needs N x K x h x w "
+                             f"(or tokens of a grid); {NAME_LAYERS_HINT}")
+        (grad,) = torch.autograd.grad(logits.gather(1, t).sum(), out)
+    weights = view.grid(grad).mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of d f_t / d A_k
     return F.relu((weights * a.detach()).sum(dim=1))
 
 

@@ -69,7 +69,7 @@ def penultimate_layer(subject, probe: torch.Tensor) -> str:
     called: list[str] = []
     with contextlib.ExitStack() as stack, torch.no_grad():
         for name in linears:
-            stack.enter_context(subject.forward_hook(name, lambda _m, _i, _o, name=name: called.append(name)))
+            stack.enter_context(subject.forward_hook(name, lambda _m, _i, _o, name=name: called.append(name), raw=True))
         subject.forward(probe[:1])
     if not called:
         raise AuditModelError(

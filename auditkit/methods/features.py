@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from auditkit.methods.numerics import constant_rows, require_finite
+from auditkit.layers import NAME_LAYERS_HINT
 from auditkit.subject import AuditModelError
 
 Transform = Callable[[torch.Tensor, float], torch.Tensor]
@@ -94,7 +95,7 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
         if missing:
             raise AuditModelError(
                 f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no tensor output "
-                f"in the forward pass"
+                f"in the forward pass; {NAME_LAYERS_HINT}"
             )
         return logits
 
@@ -102,7 +103,7 @@ def _sweep(subject, images: torch.Tensor, layers: Sequence[str], on_output: OnOu
         for name in dict.fromkeys(layers):
             stack.enter_context(subject.forward_hook(name, hook_for(name)))
         if input_of:
-            stack.enter_context(subject.forward_hook(input_of, input_hook))
+            stack.enter_context(subject.forward_hook(input_of, input_hook, raw=True))
         logits = list(subject.chunks(images.shape[0], logits_of))
     return torch.cat(logits) if logits else torch.empty(0, subject.spec.num_classes)
 

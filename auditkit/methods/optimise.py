@@ -54,6 +54,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
+from auditkit.layers import NAME_LAYERS_HINT
 from auditkit.methods.numerics import non_finite_error
 from auditkit.progress import report
 from auditkit.subject import AuditModelError, value_and_gradient
@@ -114,7 +115,7 @@ def forward_to(subject, pixels: torch.Tensor, layers: Sequence[str]) -> dict[str
     missing = [name for name in wanted if name not in captured]
     if missing:
         raise AuditModelError(f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} produced no "
-                              f"tensor output in the forward pass")
+                              f"tensor output in the forward pass; {NAME_LAYERS_HINT}")
     return captured
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from auditkit.methods.gradients import relu_backward_override
 from auditkit.methods.numerics import require_finite
 from auditkit.methods.optimise import forward_to
+from auditkit.layers import NAME_LAYERS_HINT
 from auditkit.subject import AuditModelError, copy_without_hooks
 
 __all__ = [
@@ -418,7 +419,7 @@ def top_activations(
         missing = [name for name in layers if name not in running.seen]
         if missing:
             raise AuditModelError(f"model {subject.name!r}: layer(s) {', '.join(map(repr, missing))} "
-                                  "were not called in the forward pass")
+                                  f"were not called in the forward pass; {NAME_LAYERS_HINT}")
 
     with torch.no_grad(), contextlib.ExitStack() as stack:
         for name in layers:
