@@ -4,7 +4,8 @@ Discovery (discover_layers) follows one forward pass of a grey image, so it only
 that run: a ModuleList or ModuleDict that the parent iterates (never called itself) stands for the
 children it holds that ran. From the root it descends into the one child that holds nearly all the
 weights (>= DESCEND_SHARE of the convolution, linear and attention parameters of the children that
-output a feature map), as in a ViT's encoder, torchvision's `features` or RegNet's trunk, then takes
+output a feature map), or into the one child that is a stage (two or more such children of its own, or
+through a chain of single ones) beside children that are not, as in a ViT's encoder, torchvision's `features` or RegNet's trunk, then takes
 that module's children that output a feature map and hold weights, in the order they ran (resnet: conv1,
 layer1 .. layer4; ViT: the encoder blocks; Hugging Face ViT: encoder.layer.0 ..). Between two stages
 (children with two or more such children of their own) a module that is not a stage is dropped: the
@@ -103,11 +104,12 @@ class LayerView:
     prefix: int = 0
 
     def grid(self, out: object) -> object:
-        """The output as N x C x h x w float32 (autograd kept); the output unchanged when it holds no tensor."""
+        """The output as N x C x h x w (autograd kept), half and bfloat16 read as float32; the output
+        unchanged when it holds no tensor."""
         t = first_tensor(out)
         if t is None:
             return out
-        if t.is_floating_point() and t.dtype != torch.float32:
+        if t.is_floating_point() and t.element_size() < 4:
             t = t.float()
         if self.kind == "channels_last" and t.ndim == 4:
             return t.permute(0, 3, 1, 2)
@@ -155,7 +157,7 @@ def _weight(module: nn.Module) -> int:
 @dataclass
 class _Seen:
     order: int
-    features: bool  # its output is a feature map or tokens (more than one position)
+    features: bool  # its output is a feature map (N x C x h x w, channels-last) or tokens
 
 
 def _record_forward(module: nn.Module, run: Callable[[], object], size: tuple[int, int],
@@ -167,10 +169,8 @@ def _record_forward(module: nn.Module, run: Callable[[], object], size: tuple[in
     def hook_for(name: str):
         def hook(_m, _inputs, out) -> None:
             if name not in seen:
-                t = first_tensor(out)
-                view = view_of(out, size, patch)
-                features = t is not None and view.kind != "as_is" and math.prod(view.grid(t).shape[2:]) > 1
-                seen[name] = _Seen(len(seen), features)
+                # a grid of any size counts (a deep stage is 1 x 1 at a small input; pooling holds no weights)
+                seen[name] = _Seen(len(seen), view_of(out, size, patch).kind != "as_is")
         return hook
 
     try:
@@ -203,18 +203,25 @@ def discover_layers(module: nn.Module, run: Callable[[], object], size: tuple[in
     def feature_children(name: str) -> list[str]:
         return [c for c in ran_children(name) if seen[c].features and _weight(modules[c]) > 0]
 
+    def is_stage(name: str) -> bool:  # two or more feature children, through a chain of single ones
+        kids = feature_children(name)
+        while len(kids) == 1:
+            kids = feature_children(kids[0])
+        return len(kids) >= 2
+
     node = ""
     while True:
         kids = feature_children(node)
         if not kids:
             return []
         heaviest = max(kids, key=lambda n: _weight(modules[n]))
-        if _weight(modules[heaviest]) >= DESCEND_SHARE * sum(_weight(modules[k]) for k in kids) \
-                and feature_children(heaviest):
+        stages = [k for k in kids if is_stage(k)]
+        holds_most = _weight(modules[heaviest]) >= DESCEND_SHARE * sum(_weight(modules[k]) for k in kids)
+        if (holds_most or stages == [heaviest]) and feature_children(heaviest):
             node = heaviest
             continue
         break
-    stages = [i for i, k in enumerate(kids) if len(feature_children(k)) >= 2]
+    stages = [i for i, k in enumerate(kids) if is_stage(k)]
     if len(stages) >= 2:  # drop what lies between two stages and is no stage (downsampling)
         between = set(range(stages[0] + 1, stages[-1])) - set(stages)
         kids = [k for i, k in enumerate(kids) if i not in between]

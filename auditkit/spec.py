@@ -6,9 +6,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 
-
-class AuditModelError(ValueError):
-    """The model cannot be audited as declared; the message names the model and what was expected."""
+from auditkit.errors import AuditModelError
 
 
 @dataclass

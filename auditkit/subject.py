@@ -29,7 +29,8 @@ from auditkit.cache import ResultCache, content_digest
 from auditkit.config import parse_memory
 from auditkit.layers import NAME_LAYERS_HINT, LayerView, discover_layers, first_tensor, patch_size, unwrap, view_of
 from auditkit.progress import report
-from auditkit.spec import AuditModelError, ModelSpec
+from auditkit.errors import AuditModelError, NotApplicable
+from auditkit.spec import ModelSpec
 
 log = logging.getLogger("auditkit")
 
@@ -287,6 +288,7 @@ class Subject:
         self._patch: int | None = None  # the model's patch size, 0 for none (layers.patch_size), found once
         self._probing = False  # True during the layer probe: the hooks of forward_hook stay quiet
         self._layers: tuple[str, ...] | None = None
+        self._map_layer: str | None = None  # map_layer(), found once
         if spec.layers is not None:
             self._layers = tuple(self._own_name(layer) for layer in spec.layers)
             names = dict(self.module.named_modules())
@@ -305,10 +307,46 @@ class Subject:
         """The depth-wise layers, shallow to deep: spec.layers, else found by layers.discover_layers in one
         forward of a grey image (made once, opening the Subject for it when closed)."""
         if self._layers is None:
+            self.require_hooks("finding its layers")
             with self._opened():
                 found = discover_layers(self.module, self._probe_forward, self.spec.input_size)
             self._layers = tuple(found)
         return self._layers
+
+    def map_layer(self) -> str | None:
+        """Grad-CAM's default layer: the deepest named layer whose output, read as a grid (layer_view), has
+        more than one position (a 1 x 1 map is the same everywhere: at 32 px resnet's layer4), else the
+        deepest named layer; None without layers. Found once, by one forward of a grey image."""
+        if not self.layers:
+            return None
+        if self._map_layer is None:
+            positions: dict[str, int] = {}
+            with contextlib.ExitStack() as stack:
+                for name in self.layers:
+                    def hook(_m, _i, out, name=name) -> None:
+                        grid = self.layer_view(name, out).grid(out)
+                        if isinstance(grid, torch.Tensor) and grid.ndim == 4:
+                            positions.setdefault(name, grid.shape[2] * grid.shape[3])
+                    handle = self.layer(name).register_forward_hook(hook)
+                    stack.callback(handle.remove)
+                with self._opened():
+                    self._probe_forward()
+            self._map_layer = next((n for n in reversed(self.layers) if positions.get(n, 0) > 1), self.layers[-1])
+        return self._map_layer
+
+    @property
+    def scripted(self) -> bool:
+        """Is the audited module TorchScript (scripted or traced)? Its submodules cannot be hooked."""
+        return isinstance(self.module, torch.jit.ScriptModule)
+
+    def require_hooks(self, what: str) -> None:
+        """NotApplicable (naming the model and `what`) when the module cannot be hooked (TorchScript)."""
+        if self.scripted:
+            raise NotApplicable(
+                f"model {self.name!r} is TorchScript ({type(self.module).__name__}), whose submodules take no "
+                f"hooks, so {what} cannot be done; checks that need only the model's output and its pixel "
+                "gradient run (occlusion-drop, saliency-in-box / deletion-insertion with method = 'gradient'); "
+                "audit the eager nn.Module for the others")
 
     @property
     def dtype(self) -> torch.dtype:
@@ -438,7 +476,7 @@ class Subject:
             for (name, table, key), v in present:
                 entries, label = getattr(modules[name], table), f"{name}.{key}" if name else key
                 moved = False
-                if entries.get(key) is not v.ref:
+                if (entries[key] if key in entries else None) is not v.ref:  # TorchScript's tables have no get
                     entries[key] = v.ref
                     moved = True
                 if id(v.ref) in stale or (not v.compare and v.ref._version != v.version):
@@ -650,6 +688,9 @@ class Subject:
         batch_size 64); resnet50 S = 81.9 MB, cost 15 (a chunk of 4)."""
         if self._backward_cost is None:
             self._require_open()
+            if self.scripted:  # the probe hooks leaf modules, which TorchScript refuses
+                self._backward_cost = BACKWARD_COST
+                return self._backward_cost
             try:
                 self._backward_cost = _measure_backward_cost(self)
             except (RuntimeError, ValueError, TypeError, AuditModelError) as exc:
@@ -727,6 +768,7 @@ class Subject:
         tokens or channels-last; the output itself when it holds no tensor), or as the module returned
         it with raw=True. What fn returns is ignored: the model's forward is never changed.
         """
+        self.require_hooks(f"reading layer {layer!r}")
         module = self.layer(layer)
 
         def hook(m: nn.Module, inputs: tuple, out: object) -> None:
@@ -755,9 +797,23 @@ class Subject:
             yield captured
 
     def describe(self) -> dict[str, object]:
-        """Name, version, device and layers, for the report header."""
-        return {"name": self.spec.name, "version": self.spec.version, "device": str(self.device),
-                "layers": list(self.layers), "classes": list(self.spec.class_names)}
+        """Name, version, device, dtype and layers (with how each is read, where not N x C x h x w), for the
+        report header."""
+        try:
+            layers = list(self.layers)
+        except NotApplicable:
+            layers = []
+        read = {name: view.describe() for (name, _), view in self._views.items() if view.kind != "grid"}
+        out = {"name": self.spec.name, "version": self.spec.version, "device": str(self.device),
+               "dtype": str(self.dtype).replace("torch.", ""), "layers": layers,
+               "classes": list(self.spec.class_names)}
+        if read:
+            out["layers_read_as"] = read
+        if self.module is not self.spec.module:
+            out["audited_through"] = type(self.module).__name__ + " inside " + type(self.spec.module).__name__
+        if self.scripted:
+            out["torchscript"] = True
+        return out
 
 
 def _measure_backward_cost(subject: "Subject") -> int:

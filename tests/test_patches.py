@@ -161,6 +161,25 @@ def test_receptive_field_errors_name_the_layer():
         pt.module_receptive_field(stack, "nope", 1, (8, 8))
 
 
+class SqueezeExcite(nn.Module):
+    """x * sigmoid(w * mean(x)): every output depends on every pixel (MobileNetV3's and EfficientNet's SE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gate = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        return x * torch.sigmoid(self.gate(x.mean((2, 3), keepdim=True)))
+
+
+def test_a_field_made_global_by_squeeze_excitation_is_the_units_own_cell():
+    # before: ValueError "the receptive field still reaches the border of a 64 x 64 probe"
+    stack = nn.Sequential(SqueezeExcite(), nn.MaxPool2d(2)).eval()
+    rf = pt.module_receptive_field(stack, "1", 1, (8, 8), max_canvas=64)
+    assert rf.token_cell and rf.size == rf.stride == (2, 2) and rf.start == (0, 0) and rf.canvas == (8, 8)
+
+
 # -- toy model: top-k and DeconvNet ----------------------------------------------------------------
 
 
@@ -440,4 +459,4 @@ def test_a_layer_after_attention_shows_its_own_token_cell():
     assert (block.size, block.stride, block.start, block.token_cell) == ((4, 4), (4, 4), (0, 0), True)
     assert result.status is Status.INFO, result.summary()
     assert result.details["receptive_fields"]["block"]["token_cell"] is True
-    assert "own token cell" in result.message
+    assert "own grid cell" in result.message

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from auditkit.errors import NotApplicable
 from auditkit.progress import Tracker
 from auditkit.reportdir import EVIDENCE_DIR, atomic_write, evidence_stem
 
@@ -269,6 +270,9 @@ class Check:
             subject.tracker = tracker
         try:
             result = self.run(subject, audit_set)
+        except NotApplicable as exc:  # e.g. hooks on a TorchScript model: said, not an error, never a verdict
+            result = CheckResult(check=self.name, kind=self.kind, status=Status.INFO,
+                                 message=f"does not apply: {exc}", details={"not_applicable": str(exc)})
         except Exception as exc:  # noqa: BLE001 - a crashed check is reported, not raised
             result = self.error_result(f"{type(exc).__name__}: {exc}", traceback.format_exc())
         finally:

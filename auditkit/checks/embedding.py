@@ -49,15 +49,24 @@ _QUERY = (120, 120, 120)  # frame of the query
 
 def _embedding(subject, audit_set, images: torch.Tensor, layer: str) -> tuple[str, torch.Tensor, str]:
     """(what was embedded, N x D unit-L2 rows, why they cannot be judged or ""): `layer`'s output or the
-    input of the final nn.Linear. Non-finite features raise NonFiniteError naming the layer and samples;
+    input of the final nn.Linear (for a model without one, the deepest named layer's output averaged over
+    its grid). Non-finite features raise NonFiniteError naming the layer and samples;
     features that are the same for every image (or differ in length only, so their unit rows are the
     same) give the reason."""
     if layer:
         where, named, raw = layer, f"the features of layer {layer!r}", em.features(subject, images, layer)
     else:
-        linear = em.penultimate_layer(subject, images)
-        where, named = f"input of {linear}", "the penultimate features"
-        raw = em.penultimate_features(subject, images, linear)
+        try:
+            linear = em.penultimate_layer(subject, images)
+        except em.NoFinalLinear:  # squeezenet: a conv head; the deepest named layer, pooled over its grid
+            if not subject.layers:
+                raise
+            layer = subject.layers[-1]
+            where, named = f"{layer}, pooled", f"the pooled features of layer {layer!r} (no final nn.Linear)"
+            raw = em.pooled_features(subject, images, layer)
+        else:
+            where, named = f"input of {linear}", "the penultimate features"
+            raw = em.penultimate_features(subject, images, linear)
     require_finite(raw, "features", method="layer features" if layer else "penultimate features", layer=where,
                    sample_ids=[sample.id for sample in audit_set])
     rows = em.unit_rows(raw)

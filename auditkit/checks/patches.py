@@ -13,6 +13,7 @@ from PIL import Image
 
 from auditkit import evidence as ev
 from auditkit.checks.base import Check, CheckConfigError, CheckResult, Evidence, require_at_least
+from auditkit.checks.inversion import spread_layers
 from auditkit.methods import patches as pt
 
 _PANEL = 64  # target display size of one patch, pixels
@@ -53,9 +54,10 @@ class MaxActivatingPatches(Check):
     channels_per_layer: int = 4
     top: int = 9
     distinct_images: bool = True
+    max_layers: int = 6  # without `layers`: this many named layers, first to last (0: all of them)
 
     def validate(self) -> None:
-        require_at_least(self, channels_per_layer=0)
+        require_at_least(self, channels_per_layer=0, max_layers=0)
         if not 1 <= self.top <= 64:
             raise CheckConfigError(f"check {self.name!r}: top must be in 1..64, got {self.top}")
         for entry in self.channels:
@@ -84,7 +86,8 @@ class MaxActivatingPatches(Check):
 
     def run(self, subject, audit_set) -> CheckResult:
         explicit = [parse_channel(entry, self.name)[0] for entry in self.channels]
-        auto_layers = list(self.layers) if self.layers else ([] if self.channels else list(subject.layers))
+        auto_layers = list(self.layers) if self.layers else (
+            [] if self.channels else list(spread_layers(subject.layers, self.max_layers)))
         if self.channels_per_layer == 0:
             auto_layers = []
         layers = list(dict.fromkeys(auto_layers + explicit))
@@ -124,7 +127,7 @@ class MaxActivatingPatches(Check):
         message = (f"{len(rows)} channels over {len(chosen)} layers, top {self.top} "
                    f"{'images' if self.distinct_images else 'units'} each; receptive fields: "
                    + ", ".join(f"{l} {f['size'][0]}x{f['size'][1]} px (stride {f['stride'][1]}"
-                               f"{'; global through attention: its own token cell is shown' if f['token_cell'] else ''})"
+                               f"{'; global (attention or global pooling): its own grid cell is shown' if f['token_cell'] else ''})"
                                for l, f in fields.items()))
         result = self.info_result(message=message, metric="channels shown", value=len(rows), rows=rows,
                                   columns=["layer", "channel", "rf", "stride", "peak", "top_activations", "images"],
@@ -150,8 +153,9 @@ class MaxActivatingPatches(Check):
             f"Each row is a channel of {layer}: its top {k} audit patches (title: image index and activation; "
             f"grey = outside the image), then the DeconvNet projection of each activation (grey = 0). "
             f"Receptive field {rf.size[0]}x{rf.size[1]} px, stride {rf.stride[0]}x{rf.stride[1]}"
-            + (": attention makes each unit's field the whole image, so the patch shown is the unit's own token "
-               "cell, and the projection shows where in the image the activation came from." if rf.token_cell else "."))
+            + (": attention or a global pooling (squeeze-excitation) makes each unit's field the whole image, so "
+               "the patch shown is the unit's own grid cell, and the projection shows where in the image the "
+               "activation came from." if rf.token_cell else "."))
 
 
 def _panels(batch: torch.Tensor) -> list[Image.Image]:

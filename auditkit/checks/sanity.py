@@ -78,7 +78,7 @@ class SaliencySanity(Check):
         # Grad-CAM's layer is resolved once, by name, so every copy uses the same one.
         layer = None
         if self.method == "grad_cam":
-            layer = self.layer or (subject.layers[-1] if subject.layers else None)
+            layer = self.layer or subject.map_layer()
             if layer is None:
                 return self.error_result(f"model {subject.name!r} has no layers; give the check a layer for grad_cam")
 

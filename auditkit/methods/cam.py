@@ -28,13 +28,18 @@ __all__ = ["grad_cam"]
 
 def _cam_chunk(subject, pixels: torch.Tensor, targets: torch.Tensor, layer: str) -> torch.Tensor:
     """relu(sum_k w_k A_k) at the layer's resolution, N x h x w on the Subject's device; A is the layer's
-    output as Subject.layer_view reads it (tokens as their grid), its gradient read the same way."""
+    output as Subject.layer_view reads it (tokens as their grid), its gradient read the same way.
+
+    A token layer whose patch tokens get no gradient at all (the last block of a class-token ViT: the head
+    reads the class token only) is read at its input instead, the tokens its attention mixes into the
+    class token (where pytorch-grad-cam's ViT example hooks, the last block's first norm)."""
     x = pixels.detach().to(subject.device, torch.float32).clone().requires_grad_(True)
     t = targets.to(subject.device).view(-1, 1)
     raw: dict[str, torch.Tensor | None] = {}
 
-    def keep(_m, _inputs, out) -> None:
+    def keep(_m, inputs, out) -> None:
         raw["out"] = first_tensor(out)
+        raw["in"] = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
     with torch.enable_grad(), subject.forward_hook(layer, keep, raw=True):
         logits = subject.forward(x)
         out = raw.get("out")
@@ -42,13 +47,19 @@ def _cam_chunk(subject, pixels: torch.Tensor, targets: torch.Tensor, layer: str)
             raise ValueError(f"layer {layer!r} of model {subject.name!r} did not output a tensor in the forward; "
                              f"{NAME_LAYERS_HINT}")
         view = subject.layer_view(layer, out)
-        a = view.grid(out)
-        if a.ndim != 4:
+        if view.grid(out).ndim != 4:
             raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}, Grad-CAM needs N x K x h x w "
                              f"(or tokens of a grid); {NAME_LAYERS_HINT}")
-        (grad,) = torch.autograd.grad(logits.gather(1, t).sum(), out)
-    weights = view.grid(grad).mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of d f_t / d A_k
-    return F.relu((weights * a.detach()).sum(dim=1))
+        score = logits.gather(1, t).sum()
+        tokens_in = raw.get("in")
+        use_input = view.kind == "tokens" and tokens_in is not None and tokens_in.shape == out.shape
+        grads = torch.autograd.grad(score, [out, tokens_in] if use_input else [out], allow_unused=True)
+    grad = grads[0] if grads[0] is not None else torch.zeros_like(out)
+    if use_input and grads[1] is not None and not bool(view.grid(grad).ne(0).any()):
+        out, grad = tokens_in, grads[1]
+    a, g = view.grid(out.detach()), view.grid(grad)
+    weights = g.mean(dim=(2, 3), keepdim=True)  # w_k: spatial mean of d f_t / d A_k
+    return F.relu((weights * a).sum(dim=1))
 
 
 def grad_cam(
@@ -61,7 +72,8 @@ def grad_cam(
 ) -> torch.Tensor:
     """Grad-CAM maps, N x H x W on the CPU (N x h x w at the layer's resolution when upsample=False).
 
-    layer: a name from named_modules(); default the deepest of subject.layers.
+    layer: a name from named_modules(); default Subject.map_layer() (the deepest named layer with a map
+    larger than 1 x 1).
     In the Subject's forward + backward chunks (Subject.chunks at Subject.backward_cost(): the gradient is
     the layer's, not the pixels', so Subject.gradients does not serve). A non-finite map raises
     NonFiniteError naming the layer and the samples (by `sample_ids` when given, else by index).
@@ -70,7 +82,7 @@ def grad_cam(
     if layer is None:
         if not subject.layers:
             raise ValueError(f"model {subject.name!r} has no layers; pass layer= to grad_cam")
-        layer = subject.layers[-1]
+        layer = subject.map_layer()
     subject.layer(layer)  # unknown names raise, listing the valid ones
 
     def maps_of(rows: slice) -> torch.Tensor:

@@ -52,6 +52,10 @@ _QUERY_CHUNK = 1024  # queries per block of the pairwise distance matrix
 # -- features -----------------------------------------------------------------
 
 
+class NoFinalLinear(AuditModelError):
+    """The model has no nn.Linear that runs in its forward, so it has no penultimate features."""
+
+
 def penultimate_layer(subject, probe: torch.Tensor) -> str:
     """Name of the model's final nn.Linear: the nn.Linear called last in a forward pass of `probe`.
 
@@ -60,9 +64,10 @@ def penultimate_layer(subject, probe: torch.Tensor) -> str:
     an nn.Linear, or whose nn.Linear is never called, is an AuditModelError that
     asks for `layer=`.
     """
+    subject.require_hooks("capturing the input of its final nn.Linear")
     linears = [name for name, m in subject.module.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise AuditModelError(
+        raise NoFinalLinear(
             f"model {subject.name!r} has no nn.Linear, so its penultimate features (the input of the final "
             f"nn.Linear) are not defined; pass layer= naming the layer whose output to embed"
         )
@@ -72,7 +77,7 @@ def penultimate_layer(subject, probe: torch.Tensor) -> str:
             stack.enter_context(subject.forward_hook(name, lambda _m, _i, _o, name=name: called.append(name), raw=True))
         subject.forward(probe[:1])
     if not called:
-        raise AuditModelError(
+        raise NoFinalLinear(
             f"model {subject.name!r}: none of its nn.Linear layers ({', '.join(linears)}) ran in the forward pass; "
             f"pass layer= naming the layer whose output to embed"
         )
@@ -109,6 +114,13 @@ def features(subject, images: torch.Tensor, layer: str = "") -> torch.Tensor:
         return penultimate_features(subject, images)
     subject.layer(layer)  # validates the name before any forward
     return layer_features(subject, images, [layer])[layer]
+
+
+def pooled_features(subject, images: torch.Tensor, layer: str) -> torch.Tensor:
+    """N x C: the output of `layer` as its grid (Subject.layer_view: tokens without the class token), averaged
+    over the grid's positions; an output that is no grid is flattened as it is."""
+    maps = layer_features(subject, images, [layer], flatten=False)[layer]
+    return maps.mean(dim=(2, 3)) if maps.ndim == 4 else maps.flatten(1)
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

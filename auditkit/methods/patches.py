@@ -29,6 +29,7 @@ copy, and everything else uses the Subject's hook helpers.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,11 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from auditkit.layers import NAME_LAYERS_HINT, patch_size, view_of
 from auditkit.methods.gradients import relu_backward_override
 from auditkit.methods.numerics import require_finite
 from auditkit.methods.optimise import forward_to
-from auditkit.layers import NAME_LAYERS_HINT
 from auditkit.subject import AuditModelError, copy_without_hooks
+
+log = logging.getLogger("auditkit")
 
 __all__ = [
     "ReceptiveField",
@@ -55,6 +58,9 @@ __all__ = [
 ]
 
 MAX_CANVAS = 2048  # pixels: the largest probe input tried when measuring a receptive field
+#: The probe input grows to at most this many times the image side: a field beyond it shows the whole image
+#: in every patch, so each unit's own grid cell is shown instead (as for attention).
+CANVAS_PER_IMAGE = 8
 
 # Element-wise activations: replaced by Identity in the structural copy (some, like ReLU6, Hardswish or
 # Hardtanh, have zero slope on part of the positive axis, which would hide part of the receptive field).
@@ -198,20 +204,25 @@ def _stop_hook(_m: nn.Module, _inp: tuple, out: object) -> None:
     raise _Reached(out)
 
 
-def _map_output(out: object, layer: str) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.ndim != 4:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"layer {layer!r} gives {shape}; patches need a N x C x H x W feature map")
-    return out
+def _map_output(out: object, layer: str, size: tuple[int, int] | None = None,
+                patch: int | None = None) -> torch.Tensor:
+    """The layer's output as N x C x H x W; with the input `size`, tokens or channels-last are read as their
+    grid first (layers.view_of; the Subject's hooks give outputs already read so)."""
+    grid = out if size is None else view_of(out, size, patch).grid(out)
+    if not isinstance(grid, torch.Tensor) or grid.ndim != 4:
+        shape = tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(out).__name__
+        raise ValueError(f"layer {layer!r} gives {shape}; patches need a N x C x H x W feature map (or tokens "
+                         f"of a grid); {NAME_LAYERS_HINT}")
+    return grid
 
 
 def _run_to(module: nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """The first output of `layer` when `module` runs on x; the rest of the forward is skipped."""
+    """The first output of `layer` when `module` runs on x, as a grid; the rest of the forward is skipped."""
     handle = module.get_submodule(layer).register_forward_hook(_stop_hook)
     try:
         module(x)
     except _Reached as reached:
-        return _map_output(reached.output, layer)
+        return _map_output(reached.output, layer, tuple(x.shape[-2:]), patch_size(module))
     finally:
         handle.remove()
     raise ValueError(f"layer {layer!r} was not called in the forward pass")
@@ -263,7 +274,10 @@ def module_receptive_field(
     In a model that holds a self-attention (saliency.holds_attention), a unit whose support reaches the
     border at image_size is global (attention mixes every token with every other), and such models often
     refuse other input sizes (a position embedding of fixed size). Its field is then the unit's own cell of
-    the layer's grid: stride = size = image_size // map size, start 0, token_cell True.
+    the layer's grid: stride = size = image_size // map size, start 0, token_cell True. So is the field of
+    any model whose support still reaches the border at max_canvas, or at CANVAS_PER_IMAGE times the image
+    (a squeeze-excitation's global pooling, as in MobileNetV3 and EfficientNet, makes every unit depend on
+    every pixel; a field that many times the image would show the whole image as each patch anyway).
     """
     from auditkit.methods.saliency import holds_attention
 
@@ -284,15 +298,21 @@ def module_receptive_field(
                 (ci, cj), stride = centre, (y0[0] - y0[1], x0[0] - x0[1])
                 return ReceptiveField(layer=layer, size=(y1[0] - y0[0], x1[0] - x0[0]), stride=stride,
                                       start=(y0[0] - ci * stride[0], x0[0] - cj * stride[1]), canvas=(h, w))
-        if attention and previous_map is None:
+        if previous_map is None:
             cell = (max(1, h // map_size[0]), max(1, w // map_size[1]))
-            return ReceptiveField(layer=layer, size=cell, stride=cell, start=(0, 0), canvas=(h, w), token_cell=True)
+            own_cell = ReceptiveField(layer=layer, size=cell, stride=cell, start=(0, 0), canvas=(h, w),
+                                      token_cell=True)
+            if attention:
+                return own_cell
         if previous_map is not None and map_size == previous_map:
             raise ValueError(f"layer {layer!r}: its map stays {map_size[0]} x {map_size[1]} as the input grows; "
                              "a global layer has no local receptive field")
-        if 2 * max(h, w) > max_canvas:
-            raise ValueError(f"layer {layer!r}: the receptive field still reaches the border of a {h} x {w} "
-                             f"probe; it is larger than max_canvas = {max_canvas} px allows to measure")
+        if 2 * max(h, w) > min(max_canvas, CANVAS_PER_IMAGE * max(image_size)):
+            # the field is global (a squeeze-excitation's global pooling gates every unit by the whole image)
+            # or beyond what max_canvas measures: the unit's own cell, as for attention
+            log.info("auditkit: layer %r: the receptive field still reaches the border of a %d x %d probe; "
+                     "showing each unit's own cell of the grid", layer, h, w)
+            return own_cell
         previous_map, h, w = map_size, 2 * h, 2 * w
 
 

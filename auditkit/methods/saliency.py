@@ -26,8 +26,9 @@ _REDUCE = {
 }
 METHODS: tuple[str, ...] = tuple(_REDUCE) + ("grad_cam",)  # saliency_map also takes "auto" (auto_method)
 #: Linear children whose names mark a self-attention's query / key / value projections (timm, torchvision's
-#: Swin and many hand-written ViTs: qkv; Hugging Face: query, key, value; others: q, k, v).
-_QKV_NAMES = ({"qkv"}, {"query", "key", "value"}, {"q", "k", "v"})
+#: Swin and many hand-written ViTs: qkv; Hugging Face: query, key, value, or q_proj, k_proj, v_proj since
+#: transformers 5; others: q, k, v).
+_QKV_NAMES = ({"qkv"}, {"query", "key", "value"}, {"q_proj", "k_proj", "v_proj"}, {"q", "k", "v"})
 
 
 def holds_attention(module: nn.Module) -> bool:
@@ -43,7 +44,7 @@ def holds_attention(module: nn.Module) -> bool:
 
 
 def auto_method(subject, layer: str | None = None) -> tuple[str, str]:
-    """(method, why) for method "auto": Grad-CAM on `layer` (default the deepest of subject.layers), unless
+    """(method, why) for method "auto": Grad-CAM on `layer` (default Subject.map_layer()), unless
     that layer holds a self-attention (holds_attention) or the model names no layer; then the pixel gradient.
 
     Grad-CAM weighs each position of the layer's map by the class gradient and reads the result as a map
@@ -52,7 +53,10 @@ def auto_method(subject, layer: str | None = None) -> tuple[str, str]:
     accurate, occluding the object drops its score 0.59 more than occluding clutter) Grad-CAM put less
     energy on the object than a centre prior at every block (0.33x-0.84x), while the gradient put 1.68x.
     """
-    name = layer or (subject.layers[-1] if subject.layers else None)
+    if subject.scripted:
+        return "gradient", (f"auto: model {subject.name!r} is TorchScript, whose layers take no hooks, so the pixel "
+                            "gradient is used")
+    name = layer or subject.map_layer()
     if name is None:
         return "gradient", f"auto: model {subject.name!r} names no layer for Grad-CAM, so the pixel gradient is used"
     if holds_attention(subject.layer(name)):
