@@ -32,13 +32,13 @@ MAX_ROWS = 1000  # per-sample rows shown in the HTML per result (all of them are
 _ORDER = {Status.FAILED: 0, Status.ERROR: 1, Status.INCONCLUSIVE: 2, Status.PASSED: 3, Status.INFO: 4}
 
 # Meta keys shown in the header (in this order); other keys go to the environment list.
-_HEADER_KEYS = ("models", "dataset", "device", "torch_version", "started", "duration_s")
+_HEADER_KEYS = ("models", "dataset", "layers", "device", "torch_version", "started", "duration_s")
 _ENV_KEYS = ("auditkit_version", "python_version", "torch_version", "platform", "device", "command", "git_commit",
              "config", "config_not_read")
 _ENV_LABELS = {
     "auditkit_version": "auditkit", "python_version": "Python", "torch_version": "PyTorch",
     "platform": "Platform", "device": "Device", "command": "Command", "git_commit": "Git commit",
-    "config": "Configuration", "dataset": "Audit set", "started": "Started", "duration_s": "Duration", "models": "Models",
+    "config": "Configuration", "dataset": "Audit set", "started": "Started", "duration_s": "Duration", "models": "Models", "layers": "Layers",
     "config_not_read": "Configuration not read",
 }
 

@@ -176,6 +176,15 @@ def no_process_exit(check: str):
         os._exit = real
 
 
+def _layers_line(info: dict[str, Any]) -> str:
+    """One model's layers for the header: "name: a, b, c", how token or channels-last layers are read."""
+    if info.get("torchscript"):
+        return f"{info.get('name', '')}: none (TorchScript takes no hooks)"
+    read = info.get("layers_read_as") or {}
+    shown = [f"{layer} ({read[layer]})" if layer in read else layer for layer in info["layers"]]
+    return f"{info.get('name', '')}: " + ", ".join(shown)
+
+
 def report_meta(model_infos: dict[str, dict[str, Any]], started: float, command: str = "") -> dict[str, Any]:
     """The report header: models, audit sets, device, versions, date, duration."""
     from auditkit import __version__
@@ -184,6 +193,7 @@ def report_meta(model_infos: dict[str, dict[str, Any]], started: float, command:
     return {
         "models": [{"name": i.get("name", ""), "version": i.get("version", "")} for i in infos],
         "dataset": ", ".join(sorted({i["dataset"] for i in infos if i.get("dataset")})),
+        "layers": "; ".join(_layers_line(i) for i in infos if i.get("layers") or i.get("torchscript")),
         "device": ", ".join(sorted({i["device"] for i in infos if i.get("device")})),
         "torch_version": next((i["torch_version"] for i in infos if i.get("torch_version")), ""),
         "auditkit_version": __version__,

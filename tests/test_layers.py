@@ -263,3 +263,19 @@ def test_discovery_leaves_the_model_as_it_was():
     assert _found(module)[0] == "stem"
     assert module.training and all(p.requires_grad for p in module.parameters())
     assert not any(m._forward_hooks for m in module.modules())
+
+
+def test_the_report_header_shows_each_models_layers_and_how_they_are_read():
+    import time
+
+    from auditkit.report import render_html
+    from auditkit.runner import report_meta
+
+    meta = report_meta({"vit": {"name": "vit", "layers": ["blocks.0", "blocks.1"],
+                                "layers_read_as": {"blocks.1": "tokens (1 leading dropped)"}},
+                        "ts": {"name": "<ts>", "layers": [], "torchscript": True}}, time.time())
+    assert meta["layers"] == ("vit: blocks.0, blocks.1 (tokens (1 leading dropped)); "
+                              "<ts>: none (TorchScript takes no hooks)")
+    page = render_html([], meta)
+    assert "<dt>Layers</dt>" in page and "vit: blocks.0, blocks.1 (tokens (1 leading dropped))" in page
+    assert "&lt;ts&gt;: none" in page  # escaped: names are user input
