@@ -91,6 +91,8 @@ ZOO = {
                   ("conv1", "inception5b", 12)),
     "inception_v3": (lambda: tv.inception_v3(num_classes=K, aux_logits=True, init_weights=False), 75,
                      ("Conv2d_1a_3x3", "Mixed_7c", 16)),
+    "regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=K), 64,
+                       ["trunk_output.block1", "trunk_output.block2", "trunk_output.block3", "trunk_output.block4"]),
     "timm_resnet18": (lambda: _timm("resnet18"), 32, RESNET),
     "timm_vit_tiny": (lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2), 32,
                       ["blocks.0", "blocks.1"]),
