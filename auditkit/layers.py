@@ -20,7 +20,6 @@ tensor, a Hugging Face output its first tensor too.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -54,9 +53,19 @@ def first_tensor(out: object) -> torch.Tensor | None:
 
 
 def _is_grid(h: int, w: int, size: tuple[int, int]) -> bool:
-    """Can h x w be a feature grid of an input of `size` = (H, W): the same aspect and at most its size?"""
+    """Can h x w be a feature grid of an input of `size` = (H, W): the input's aspect exactly, or one
+    integer stride s with h the floor or ceiling of H / s and w that of W / s (a padded map, such as
+    Swin's 13 x 14 at 200 x 224, rounds up)?"""
     height, width = size
-    return 1 <= h <= height and 1 <= w <= width and h * width == w * height
+    if not (1 <= h <= height and 1 <= w <= width):
+        return False
+    if h * width == w * height:  # the input's own aspect (a square map of a square input, whatever its size)
+        return True
+    low, high = height // (h + 1), (height // (h - 1) + 1) if h > 1 else max(height, width)
+    for s in range(max(1, low), high + 1):
+        if h in (height // s, -(-height // s)) and w in (width // s, -(-width // s)):
+            return True
+    return False
 
 
 def patch_size(module: nn.Module) -> int | None:
@@ -73,23 +82,24 @@ def patch_size(module: nn.Module) -> int | None:
 
 def token_grid(tokens: int, size: tuple[int, int], patch: int | None) -> tuple[int, int, int] | None:
     """(prefix, h, w) for `tokens` tokens of an input of `size`: the grid the patch size gives, halved
-    k times (h = H / patch / 2^k), with prefix = tokens - h w leading tokens in [0, MAX_PREFIX_TOKENS];
-    without a patch size, the aspect of the input with the fewest leading tokens. None: no grid fits."""
+    k times (h = H / (patch 2^k), rounded down or up: a padded stage rounds up), with prefix = tokens - h w
+    leading tokens in [0, MAX_PREFIX_TOKENS], the fewest at the first k whose grid fits; without a patch
+    size, the input's grid (as _is_grid) with the fewest leading tokens. None: no grid fits."""
     height, width = size
     if patch:
-        h, w = height // patch, width // patch
-        while h >= 1 and w >= 1:
-            prefix = tokens - h * w
-            if 0 <= prefix <= MAX_PREFIX_TOKENS:
-                return prefix, h, w
-            if h * w < tokens:
-                break
-            h, w = h // 2, w // 2
+        stride = patch
+        while stride <= max(height, width):
+            grids = {(height // stride, width // stride), (-(-height // stride), -(-width // stride))}
+            fits = sorted((tokens - h * w, h, w) for h, w in grids if h >= 1 and w >= 1 and h * w <= tokens)
+            if fits:
+                prefix, h, w = fits[0]
+                return (prefix, h, w) if prefix <= MAX_PREFIX_TOKENS else None
+            stride *= 2
     for prefix in range(0, min(MAX_PREFIX_TOKENS, tokens - 1) + 1):
         n = tokens - prefix
-        h = round(math.sqrt(n * height / width))
-        if h >= 1 and n % h == 0 and _is_grid(h, n // h, size):
-            return prefix, h, n // h
+        for h in range(1, n + 1):
+            if n % h == 0 and _is_grid(h, n // h, size):
+                return prefix, h, n // h
     return None
 
 
@@ -102,6 +112,7 @@ class LayerView:
     kind: str
     size: tuple[int, int]
     prefix: int = 0
+    grid_size: tuple[int, int] | None = None  # tokens: the (h, w) the leading-dropped tokens fold into
 
     def grid(self, out: object) -> object:
         """The output as N x C x h x w (autograd kept), half and bfloat16 read as float32; the output
@@ -113,12 +124,10 @@ class LayerView:
             t = t.float()
         if self.kind == "channels_last" and t.ndim == 4:
             return t.permute(0, 3, 1, 2)
-        if self.kind == "tokens" and t.ndim == 3:
-            n = t.shape[1] - self.prefix
-            height, width = self.size
-            h = max(1, round(math.sqrt(n * height / width)))
-            if n > 0 and n % h == 0:
-                return t[:, self.prefix:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, n // h)
+        if self.kind == "tokens" and t.ndim == 3 and self.grid_size is not None:
+            h, w = self.grid_size
+            if t.shape[1] - self.prefix == h * w:
+                return t[:, self.prefix:, :].transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w)
         return t
 
     def describe(self) -> str:
@@ -137,7 +146,7 @@ def view_of(out: object, size: tuple[int, int], patch: int | None) -> LayerView:
     if t is not None and t.ndim == 3:
         fit = token_grid(int(t.shape[1]), size, patch)
         if fit is not None and fit[1] * fit[2] > 1:
-            return LayerView("tokens", size, prefix=fit[0])
+            return LayerView("tokens", size, prefix=fit[0], grid_size=(fit[1], fit[2]))
     return LayerView("as_is", size)
 
 

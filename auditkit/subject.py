@@ -345,7 +345,8 @@ class Subject:
             raise NotApplicable(
                 f"model {self.name!r} is TorchScript ({type(self.module).__name__}), whose submodules take no "
                 f"hooks, so {what} cannot be done; checks that need only the model's output and its pixel "
-                "gradient run (occlusion-drop, saliency-in-box / deletion-insertion with method = 'gradient'); "
+                "gradient run (occlusion-drop; saliency-in-box, saliency-sanity and deletion-insertion with the "
+                "pixel gradient, which method = 'auto' picks); "
                 "audit the eager nn.Module for the others")
 
     @property
@@ -712,7 +713,8 @@ class Subject:
         """A Subject for another module (a randomised or stripped copy of this one): the same spec otherwise,
         layers, device, batch size and memory budget (its own, empty cache). Use it as a context manager,
         like any Subject."""
-        spec = dataclasses.replace(self.spec, module=module, layers=list(self.layers))
+        layers = self._layers if self._layers is not None else (() if self.scripted else self.layers)
+        spec = dataclasses.replace(self.spec, module=module, layers=list(layers))
         other = Subject(spec, device=self.device, batch_size=self.batch_size, memory=self.cache.budget)
         other.tracker = self.tracker  # its work is the running check's
         return other
@@ -765,15 +767,22 @@ class Subject:
         """Call fn(module, inputs, output) after each forward of `layer` inside the block; always removed.
 
         `output` is the layer's output as layer_view reads it (N x C x h x w float32 for a feature map,
-        tokens or channels-last; the output itself when it holds no tensor), or as the module returned
-        it with raw=True. What fn returns is ignored: the model's forward is never changed.
+        tokens or channels-last; the output itself when it holds no tensor); such a hook must return None
+        (TypeError otherwise: the view cannot stand for the output). With raw=True, fn gets the output as
+        the module returned it and may replace it by returning a value, as with register_forward_hook.
         """
         self.require_hooks(f"reading layer {layer!r}")
         module = self.layer(layer)
 
-        def hook(m: nn.Module, inputs: tuple, out: object) -> None:
-            if not self._probing:
-                fn(m, inputs, out if raw else self.layer_view(layer, out).grid(out))
+        def hook(m: nn.Module, inputs: tuple, out: object) -> object:
+            if self._probing:
+                return None
+            if raw:
+                return fn(m, inputs, out)  # a raw hook may replace the output, as torch's own do
+            if fn(m, inputs, self.layer_view(layer, out).grid(out)) is not None:
+                raise TypeError(f"a forward_hook on layer {layer!r} returned a value: a hook given the grid "
+                                "view cannot replace the layer's output; use raw=True to replace it")
+            return None
         handle = module.register_forward_hook(hook)
         try:
             yield
@@ -801,9 +810,10 @@ class Subject:
         report header."""
         try:
             layers = list(self.layers)
-        except NotApplicable:
+        except Exception:  # noqa: BLE001 - the header must not fail a run: a model its probe cannot run
             layers = []
-        read = {name: view.describe() for (name, _), view in self._views.items() if view.kind != "grid"}
+        read = {name: view.describe() for (name, _), view in self._views.items()
+                if view.kind != "grid" and name in layers}
         out = {"name": self.spec.name, "version": self.spec.version, "device": str(self.device),
                "dtype": str(self.dtype).replace("torch.", ""), "layers": layers,
                "classes": list(self.spec.class_names)}
@@ -832,7 +842,7 @@ def _measure_backward_cost(subject: "Subject") -> int:
     leaves = [name for name, m in module.named_modules() if name and next(m.children(), None) is None]
     with contextlib.ExitStack() as stack, torch.no_grad():
         for name in leaves:
-            stack.enter_context(subject.forward_hook(name, leaf_hook))
+            stack.enter_context(subject.forward_hook(name, leaf_hook, raw=True))
         subject.forward(image)
     if largest[0] == 0:
         raise ValueError("no leaf module reported a tensor input or output")

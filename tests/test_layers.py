@@ -29,6 +29,8 @@ def _found(module, size=(32, 32)):
     (196, (224, 224), 4, (0, 14, 14)),    # Swin stage 3: the patch grid halved twice
     (33, (64, 128), 16, (1, 4, 8)),       # a wide input: the grid keeps its aspect
     (50, (224, 224), None, (1, 7, 7)),    # no patch embedding to read: the input's aspect, fewest tokens
+    (182, (200, 224), 4, (0, 13, 14)),    # Swin at 200 x 224: stage 2 pads 50 x 56 / 2 up to 13 x 14
+    (49, (200, 200), 4, (0, 7, 7)),       # 200 / 32 = 6.25 rounds up: 7 x 7, no token is a class token
 ])
 def test_token_grid_is_read_from_the_patch_size_and_input(tokens, size, patch, expected):
     assert token_grid(tokens, size, patch) == expected
@@ -39,7 +41,7 @@ def test_tokens_fold_into_their_grid_dropping_the_leading_ones():
     grid = torch.arange(n * c * h * w, dtype=torch.float32).view(n, c, h, w)
     tokens = torch.cat([torch.full((n, 2, c), -1.0), grid.flatten(2).transpose(1, 2)], dim=1)  # N x (2 + hw) x C
     view = view_of(tokens, (32, 48), 8)
-    assert view == LayerView("tokens", (32, 48), prefix=2)
+    assert view == LayerView("tokens", (32, 48), prefix=2, grid_size=(4, 6))
     assert torch.equal(view.grid(tokens), grid)
     assert torch.equal(view.grid((tokens, "extra")), grid)  # a tuple's first tensor
 
@@ -51,6 +53,14 @@ def test_channels_last_is_recognised_and_channels_first_kept():
     view = view_of(nhwc, (32, 32), None)
     assert view.kind == "channels_last" and torch.equal(view.grid(nhwc), nhwc.permute(0, 3, 1, 2))
     assert view_of(torch.rand(2, 10), (32, 32), None).kind == "as_is"
+
+
+def test_a_padded_channels_last_map_of_a_non_square_input_is_recognised():
+    # Swin at 200 x 224 outputs 13 x 14 (rounded up), not the input's exact aspect: it was read channels-first
+    nhwc = torch.rand(1, 13, 14, 384)
+    assert view_of(nhwc, (200, 224), 4).kind == "channels_last"
+    assert view_of(torch.rand(1, 384, 13, 14), (200, 224), 4).kind == "grid"
+    assert view_of(torch.rand(1, 32, 147, 147), (299, 299), None).kind == "grid"  # inception's valid convs
 
 
 def test_half_outputs_read_as_float32_and_float64_stays():
@@ -279,3 +289,30 @@ def test_the_report_header_shows_each_models_layers_and_how_they_are_read():
     page = render_html([], meta)
     assert "<dt>Layers</dt>" in page and "vit: blocks.0, blocks.1 (tokens (1 leading dropped))" in page
     assert "&lt;ts&gt;: none" in page  # escaped: names are user input
+
+
+def test_a_hook_on_the_grid_view_cannot_replace_the_output_and_a_raw_one_can():
+    torch.manual_seed(0)
+    module = Staged()
+    x = torch.rand(1, 3, 32, 32)
+    with Subject(_spec(module), device="cpu") as subject:
+        with subject.forward_hook("stem", lambda _m, _i, out: torch.zeros_like(out)), \
+                pytest.raises(TypeError, match="use raw=True"):
+            subject.forward(x)
+        plain = subject.forward(x)
+        with subject.forward_hook("stem", lambda _m, _i, out: torch.zeros_like(out), raw=True):
+            ablated = subject.forward(x)
+    assert not torch.allclose(plain, ablated)
+    assert not any(m._forward_hooks for m in module.modules())
+
+
+def test_the_header_of_a_model_whose_probe_fails_does_not_fail():
+    class NeedsABatch(Staged):
+        def forward(self, x):
+            if x.shape[0] < 2:
+                raise RuntimeError("needs a batch")
+            return super().forward(x)
+
+    with Subject(_spec(NeedsABatch()), device="cpu") as subject:
+        assert subject.describe()["layers"] == []
+        assert subject.predict(torch.rand(2, 3, 32, 32)).shape == (2, 2)

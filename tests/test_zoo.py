@@ -109,8 +109,8 @@ ZOO = {
     "bfloat16": (lambda: tv.resnet18(num_classes=K).bfloat16(), 32, RESNET),
 }
 # On TorchScript: what needs only the output and the pixel gradient runs, what hooks a layer does not apply
-SCRIPT_RUNS = {"occlusion-drop", "saliency-in-box", "deletion-insertion", "class-visualisation"}
-SCRIPT_DOES_NOT_APPLY = {"saliency-sanity", "invariance-grows-with-depth", "dead-units", "max-activating-patches",
+SCRIPT_RUNS = {"occlusion-drop", "saliency-in-box", "saliency-sanity", "deletion-insertion", "class-visualisation"}
+SCRIPT_DOES_NOT_APPLY = {"invariance-grows-with-depth", "dead-units", "max-activating-patches",
                          "inversion-converges", "texture-synthesis-converges"}
 
 
