@@ -224,13 +224,12 @@ def discover_layers(module: nn.Module, run: Callable[[], object], size: tuple[in
         if not kids:
             return []
         heaviest = max(kids, key=lambda n: _weight(modules[n]))
-        stages = [k for k in kids if is_stage(k)]
+        stages = [i for i, k in enumerate(kids) if is_stage(k)]
         holds_most = _weight(modules[heaviest]) >= DESCEND_SHARE * sum(_weight(modules[k]) for k in kids)
-        if (holds_most or stages == [heaviest]) and feature_children(heaviest):
+        if (holds_most or [kids[i] for i in stages] == [heaviest]) and feature_children(heaviest):
             node = heaviest
             continue
         break
-    stages = [i for i, k in enumerate(kids) if is_stage(k)]
     if len(stages) >= 2:  # drop what lies between two stages and is no stage (downsampling)
         between = set(range(stages[0] + 1, stages[-1])) - set(stages)
         kids = [k for i, k in enumerate(kids) if i not in between]

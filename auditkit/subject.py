@@ -27,9 +27,9 @@ from torch import nn
 
 from auditkit.cache import ResultCache, content_digest
 from auditkit.config import parse_memory
+from auditkit.errors import AuditModelError, NotApplicable
 from auditkit.layers import NAME_LAYERS_HINT, LayerView, discover_layers, first_tensor, patch_size, unwrap, view_of
 from auditkit.progress import report
-from auditkit.errors import AuditModelError, NotApplicable
 from auditkit.spec import ModelSpec
 
 log = logging.getLogger("auditkit")
@@ -289,6 +289,7 @@ class Subject:
         self._probing = False  # True during the layer probe: the hooks of forward_hook stay quiet
         self._layers: tuple[str, ...] | None = None
         self._map_layer: str | None = None  # map_layer(), found once
+        self._dtype: torch.dtype | None = None  # dtype, read once per open (it is asked on every forward)
         if spec.layers is not None:
             self._layers = tuple(self._own_name(layer) for layer in spec.layers)
             names = dict(self.module.named_modules())
@@ -352,11 +353,12 @@ class Subject:
     @property
     def dtype(self) -> torch.dtype:
         """The model's floating dtype (its first floating parameter or buffer; float32 when it has none):
-        the Subject feeds it pixels of that dtype and reads every output back as float32."""
-        for t in [*self.module.parameters(), *self.module.buffers()]:
-            if t.is_floating_point():
-                return t.dtype
-        return torch.float32
+        the Subject feeds it pixels of that dtype and reads every output back as float32. Read once per open
+        (and again after restore() had to put something back)."""
+        if self._dtype is None:
+            tensors = [*self.module.parameters(), *self.module.buffers()]
+            self._dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+        return self._dtype
 
     def _own_name(self, layer: str) -> str:
         """A layer name relative to the audited module: a wrapper's prefix ("module.", "_orig_mod.") dropped."""
@@ -462,6 +464,7 @@ class Subject:
         if hooks:
             done.append(_listed("hooks", hooks))
         if done:  # kept results were computed by a model that may have differed from the audit state
+            self._dtype = None
             self.cache.clear()
         return done
 
@@ -494,6 +497,7 @@ class Subject:
         state, self._state = self._state, None
         self.cache.clear()
         self._backward_cost = None
+        self._dtype = None
         if state is None:
             return
         module = self.module

@@ -38,6 +38,19 @@ PYPROJECT = textwrap.dedent("""
 """)
 
 
+def one_check_gate(baseline: str) -> str:
+    """A [tool.auditkit] table of one occlusion-drop check on the halves set with the given baseline
+    ("grey": the toy model "good" fails it; "zero": it passes)."""
+    return textwrap.dedent(f"""
+        [tool.auditkit]
+        dataset = "halves"
+        device = "cpu"
+        [[tool.auditkit.checks]]
+        kind = "occlusion-drop"
+        baseline = "{baseline}"
+    """)
+
+
 def make_project(pytester, monkeypatch):
     """A pytester folder with the toy models (good, shortcut, broken), the halves set and a two-check gate."""
     monkeypatch.syspath_prepend(str(pytester.path))

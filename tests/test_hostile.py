@@ -22,17 +22,11 @@ import auditkit.journal  # noqa: F401
 import auditkit.report  # noqa: F401
 import auditkit.runner  # noqa: F401
 import tests.toys  # noqa: F401
-from tests.plugin_project import CONFTEST, PYPROJECT, report_json
+from tests.plugin_project import CONFTEST, PYPROJECT, one_check_gate, report_json
 
 # A gate the toy model "good" fails: grey over its object leaves the drop below 0.5.
-FAILING_GATE = textwrap.dedent("""
-    [tool.auditkit]
-    dataset = "halves"
-    device = "cpu"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    baseline = "grey"
-""")
+FAILING_GATE = one_check_gate("grey")
+
 
 # Checks that misbehave on purpose: crash the process, interrupt, or change the model.
 HOSTILE_CHECKS = textwrap.dedent("""
@@ -253,14 +247,8 @@ def test_a_check_that_calls_os_exit_0_is_an_error_not_a_green_exit(hostile):
     assert data["meta"]["run"]["complete"] is True and len(data["results"]) == 3
 
 
-GREEN = textwrap.dedent("""
-    [tool.auditkit]
-    dataset = "halves"
-    device = "cpu"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    baseline = "zero"
-""")
+GREEN = one_check_gate("zero")
+
 
 
 def test_interrupt_before_the_first_result_replaces_an_earlier_green_report(hostile):

@@ -61,8 +61,9 @@ class Evidence:
         """Write report_dir/evidence/<stem><suffix> atomically (0644) and record its relative path.
 
         A failure to write (a bad folder, a name the file system refuses, a
-        full disk, a NUL byte in the path, no memory for the copy) is not raised: `path` stays None, `missing` says why, and
-        no temporary file is left. Returns whether the file was written.
+        full disk, a NUL byte in the path, no memory for the copy) is not
+        raised: `path` stays None, `missing` says why, and no temporary file
+        is left. Returns whether the file was written.
         """
         if self.data is None:
             return self.path is not None
