@@ -24,19 +24,6 @@ CONFTEST = textwrap.dedent("""
         return halves_set(8)  # 8 > the 7 samples a one-sided test needs at alpha = 0.01
 """)
 
-PYPROJECT = textwrap.dedent("""
-    [tool.auditkit]
-    dataset = "halves"
-    device = "cpu"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    baseline = "zero"
-    [[tool.auditkit.checks]]
-    kind = "occlusion-drop"
-    name = "occlusion-grey"
-    baseline = "grey"
-""")
-
 
 def one_check_gate(baseline: str) -> str:
     """A [tool.auditkit] table of one occlusion-drop check on the halves set with the given baseline
@@ -49,6 +36,14 @@ def one_check_gate(baseline: str) -> str:
         kind = "occlusion-drop"
         baseline = "{baseline}"
     """)
+
+
+PYPROJECT = one_check_gate("zero") + textwrap.dedent("""\
+    [[tool.auditkit.checks]]
+    kind = "occlusion-drop"
+    name = "occlusion-grey"
+    baseline = "grey"
+""")
 
 
 def make_project(pytester, monkeypatch):
