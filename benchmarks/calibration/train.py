@@ -1,9 +1,9 @@
 """Training of the calibration models on the CPU, with a weights cache.
 
-Weights come from, in order: benchmarks/calibration/weights/<name>.pt (shipped, float16: the models of the
-fast subset), the local cache benchmarks/calibration/.cache/<name>-<key>.pt (ignored by git; the key
-hashes the entry's recipe, so a changed recipe retrains), else training now. Random-weight entries are
-seeded initialisations and never stored.
+Weights come from, in order: benchmarks/calibration/weights/<name>.pt (shipped, float16: the trained models of
+the fast subset, and good-vit-64), the local cache benchmarks/calibration/.cache/<name>-<key>.pt (ignored by
+git; the key hashes the entry's recipe, so a changed recipe retrains), else training now. Random-weight
+entries are seeded initialisations and never stored.
 
 Recipe: AdamW (weight decay 1e-4), one-cycle learning rate, batch 64, cross-entropy on `n_train` images of
 the entry's training task (seed 1000 + entry seed; the audit sets use seed 2014, held-out checks 999),
@@ -135,7 +135,7 @@ def load(entry: Entry, log=print, retrain: bool = False) -> tuple[torch.nn.Modul
 
 
 def ship(name: str) -> Path:
-    """Write the entry's trained weights (float16) to weights/<name>.pt, for the fast subset."""
+    """Write the entry's trained weights (float16) to weights/<name>.pt (the fast subset, good-vit-64)."""
     entry = BY_NAME[name]
     cached = CACHE / f"{entry.name}-{recipe_key(entry)}.pt"
     model = fresh(entry)
